@@ -97,3 +97,7 @@ def is_well_formed(packet: bytes) -> bool:
     if kind == MESSAGE_DATA:
         return len(packet) >= MESSAGE_DATA_MIN_LEN
     return EXPECTED_LENGTH.get(kind) == len(packet)
+
+# The responder refuses more than this many initiations a second from one
+# peer, whatever their timestamps (a cheap guard against replayed floods).
+INITIATIONS_PER_SECOND = 50

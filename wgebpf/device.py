@@ -1,0 +1,212 @@
+"""The WireGuard interface: identity, peers, session indices, and the settings
+the UAPI and the config change.
+
+The device owns no socket or TUN itself: it is handed a `tun` (anything with
+`write(packet)`) and a `conn` (anything with `send(data, endpoint)`), so two
+devices can handshake over in-memory fakes in a unit test and over the real
+kernel in production. Packets flow through send.py and receive.py.
+"""
+
+import collections
+import ipaddress
+import logging
+import os
+import threading
+
+from . import receive, send
+from .allowedips import AllowedIPs
+from .cookie import CookieChecker
+from .messages import HANDSHAKES_PER_SECOND_UNDER_LOAD, MAX_PEERS, UNDER_LOAD_AFTER
+from .noise import StaticIdentity
+from .peer import Peer
+from .ratelimiter import RateLimiter
+from .scheduler import Clock, Scheduler
+from .timers import Timing
+
+log = logging.getLogger("wgebpf")
+
+
+class DeviceError(Exception):
+    pass
+
+
+class _Actions:
+    """What timers may do to a peer; a seam so timers stay unit-testable."""
+
+    def __init__(self, device: "Device"):
+        self.device = device
+
+    def send_handshake_initiation(self, peer, retry: bool) -> None:
+        send.send_handshake_initiation(self.device, peer, retry)
+
+    def send_keepalive(self, peer) -> None:
+        send.send_keepalive(self.device, peer)
+
+    def zero_key_material(self, peer) -> None:
+        self.device.zero_key_material(peer)
+
+    def handshake_gave_up(self, peer) -> None:
+        peer.stats.handshakes_failed += 1
+        peer.purge_staged()
+
+
+class Device:
+    def __init__(self, name: str = "wgebpf0", private_key: bytes | None = None, *,
+                 clock: Clock | None = None, tun=None, conn=None, timing: Timing | None = None,
+                 addresses=(), mtu: int = 1420):
+        self.name = name
+        self.clock = clock or Clock()
+        self.scheduler = Scheduler(self.clock)
+        self.timing = timing or Timing()
+        self.actions = _Actions(self)
+        self.identity = StaticIdentity(private_key)
+        self.tun = tun
+        self.conn = conn
+        self.mtu = mtu
+        self.addresses = list(addresses)
+        self.fwmark = 0
+        self._listen_port = 0
+        self.peers: dict[bytes, Peer] = {}
+        self.allowed_ips = AllowedIPs()
+        self.indices: dict[int, tuple] = {}
+        self.ratelimiter = RateLimiter(clock=self.clock.monotonic)
+        self.cookie_checker = CookieChecker(self.identity.public_key, self.clock,
+                                            self.ratelimiter.allow)
+        self.force_under_load = False
+        self._handshake_times: collections.deque = collections.deque()
+        self._last_under_load = -1e18
+        self.drops: collections.Counter = collections.Counter()
+        self.lock = threading.RLock()
+
+    # --- identity and socket settings -------------------------------------------
+
+    @property
+    def private_key(self) -> bytes | None:
+        return self.identity.private_key
+
+    @property
+    def public_key(self) -> bytes | None:
+        return self.identity.public_key
+
+    @property
+    def listen_port(self) -> int:
+        return self.conn.listen_port if self.conn is not None else self._listen_port
+
+    def set_private_key(self, key: bytes | None) -> None:
+        if key == self.identity.private_key:
+            return
+        self.identity.set(key)
+        self.cookie_checker.set_public_key(self.identity.public_key)
+        # A peer with our own public key can never handshake: wg drops it.
+        if self.identity.public_key in self.peers:
+            self.remove_peer(self.identity.public_key)
+        for peer in self.peers.values():
+            peer.handshake.precompute(self.identity)
+            self.zero_key_material(peer)
+
+    def set_listen_port(self, port: int) -> None:
+        if self.conn is not None:
+            self.conn.rebind(port)
+        else:
+            self._listen_port = port
+
+    def set_fwmark(self, mark: int) -> None:
+        self.fwmark = mark
+        if self.conn is not None:
+            self.conn.set_mark(mark)
+
+    # --- peers ---------------------------------------------------------------------
+
+    def add_peer(self, public_key: bytes) -> Peer:
+        peer = self.peers.get(public_key)
+        if peer is not None:
+            return peer
+        if public_key == self.identity.public_key:
+            raise DeviceError("a peer cannot have the interface's own public key")
+        if len(self.peers) >= MAX_PEERS:
+            raise DeviceError("too many peers")
+        peer = Peer(self, public_key)
+        self.peers[public_key] = peer
+        return peer
+
+    def remove_peer(self, public_key: bytes) -> None:
+        peer = self.peers.pop(public_key, None)
+        if peer is None:
+            return
+        peer.timers.stop()
+        self.zero_key_material(peer)
+        peer.purge_staged()
+        self.allowed_ips.remove_by_peer(peer)
+
+    def remove_all_peers(self) -> None:
+        for key in list(self.peers):
+            self.remove_peer(key)
+
+    def peer_by_static(self, public_key: bytes):
+        peer = self.peers.get(public_key)
+        return peer.handshake if peer is not None else None
+
+    def allowed_ips_of(self, peer) -> list:
+        return self.allowed_ips.entries_for(peer)
+
+    def add_allowed_ip(self, peer, network) -> None:
+        self.allowed_ips.insert(ipaddress.ip_network(network, strict=False), peer)
+
+    def clear_allowed_ips(self, peer) -> None:
+        self.allowed_ips.remove_by_peer(peer)
+
+    # --- session indices (receiver index -> handshake or keypair) -----------------
+
+    def new_index(self, peer, owner) -> int:
+        while True:
+            index = int.from_bytes(os.urandom(4), "little")
+            if index and index not in self.indices:
+                self.indices[index] = (peer, owner)
+                return index
+
+    def drop_index(self, index: int) -> None:
+        self.indices.pop(index, None)
+
+    def release_retired_keypairs(self, peer) -> None:
+        for keypair in peer.keypairs.take_retired():
+            entry = self.indices.get(keypair.local_index)
+            if entry is not None and entry[1] is keypair:
+                del self.indices[keypair.local_index]
+
+    def zero_key_material(self, peer) -> None:
+        """Forget every key of a peer (after 3 x REJECT_AFTER_TIME, or on removal)."""
+        peer.keypairs.clear()
+        self.release_retired_keypairs(peer)
+        if peer.handshake.local_index:
+            self.drop_index(peer.handshake.local_index)
+        peer.handshake.clear()
+
+    # --- load ----------------------------------------------------------------------------
+
+    def note_handshake_message(self) -> bool:
+        """Record one incoming handshake message; True while under load.
+
+        Under load (more than HANDSHAKES_PER_SECOND_UNDER_LOAD in the last
+        second, and for UNDER_LOAD_AFTER after) we answer with cookies instead
+        of spending DH operations.
+        """
+        now = self.clock.monotonic()
+        times = self._handshake_times
+        times.append(now)
+        while times and now - times[0] > 1.0:
+            times.popleft()
+        if self.force_under_load or len(times) > HANDSHAKES_PER_SECOND_UNDER_LOAD:
+            self._last_under_load = now
+            return True
+        return now - self._last_under_load < UNDER_LOAD_AFTER
+
+    # --- packet entry points -------------------------------------------------------
+
+    def on_tun_packet(self, packet: bytes) -> None:
+        send.packet_from_tun(self, packet)
+
+    def on_datagram(self, data: bytes, source: tuple) -> None:
+        receive.handle_datagram(self, data, source)
+
+    def close(self) -> None:
+        self.remove_all_peers()

@@ -1,0 +1,196 @@
+"""The receive path: UDP datagrams from peers to the TUN device.
+
+Pipeline, stage by stage (one data-plane thread in this version; with the
+worker pool, stages 3-6 run in the worker that owns the receiver index and
+stage 2 in the control plane):
+
+  1. handle_datagram     type and length check (messages.is_well_formed);
+                         anything else is counted as malformed and dropped.
+  2. handle_handshake    initiation / response / cookie reply: mac1 always,
+                         mac2 (cookie) when under load, rate limit per source,
+                         then the Noise step; sessions are born here.
+  3. handle_data         receiver index -> keypair; reject counters the
+                         replay window cannot accept BEFORE decrypting (cheap).
+  4. decrypt             ChaCha20-Poly1305; only an authenticated packet may
+                         move the replay window, roam the endpoint, confirm
+                         a keypair or touch timers.
+  5. check_inner         a well-formed IPv4/IPv6 packet (padding removed),
+                         and the source-address check (SourcePolicy).
+  6. deliver             write to the TUN device.
+"""
+
+import logging
+
+from . import send
+from .cookie import MacState
+from .crypto import aead_nonce
+from .messages import (DATA_HEADER, MESSAGE_DATA, MESSAGE_HANDSHAKE_COOKIE,
+                       MESSAGE_HANDSHAKE_INITIATION, MESSAGE_HANDSHAKE_RESPONSE,
+                       is_well_formed, message_type)
+from .noise import HandshakeError, begin_session, consume_initiation, consume_response
+
+log = logging.getLogger("wgebpf")
+
+
+def handle_datagram(device, data: bytes, source: tuple) -> None:
+    if not is_well_formed(data):
+        device.drops["malformed"] += 1
+        return
+    kind = message_type(data)
+    if kind == MESSAGE_DATA:
+        handle_data(device, data, source)
+    else:
+        handle_handshake(device, kind, data, source)
+
+
+# --- handshakes ---------------------------------------------------------------------
+
+def handle_handshake(device, kind: int, data: bytes, source: tuple) -> None:
+    if kind == MESSAGE_HANDSHAKE_COOKIE:
+        handle_cookie_reply(device, data)
+        return
+    under_load = device.note_handshake_message()
+    state = device.cookie_checker.validate(data, source, under_load)
+    if state is MacState.INVALID_MAC1:
+        device.drops["invalid_mac1"] += 1
+        return
+    if under_load and state is MacState.VALID_MAC_BUT_NO_COOKIE:
+        device.drops["cookie_required"] += 1
+        send.send_cookie_reply(device, data, source)
+        return
+    if state is MacState.VALID_MAC_WITH_COOKIE_BUT_RATELIMITED:
+        device.drops["rate_limited"] += 1
+        return
+    try:
+        if kind == MESSAGE_HANDSHAKE_INITIATION:
+            handle_initiation(device, data, source)
+        else:
+            handle_response(device, data, source)
+    except HandshakeError as exc:
+        device.drops["handshake_failed"] += 1
+        log.debug("%s: handshake from %s rejected: %s", device.name, source, exc)
+
+
+def handle_initiation(device, data: bytes, source: tuple) -> None:
+    handshake = consume_initiation(device.identity, data, device.peer_by_static,
+                                   device.clock.monotonic())
+    peer = device.peers[handshake.remote_static]
+    peer.set_endpoint(source)                          # roaming
+    peer.timers.any_authenticated_packet_received()
+    peer.timers.any_authenticated_packet_traversal()
+    send.send_handshake_response(device, peer)
+
+
+def handle_response(device, data: bytes, source: tuple) -> None:
+    receiver = int.from_bytes(data[8:12], "little")
+    entry = device.indices.get(receiver)
+    if entry is None or entry[1] is not entry[0].handshake:
+        raise HandshakeError("response for an unknown index")
+    peer = entry[0]
+    consume_response(device.identity, peer.handshake, data)
+    index = peer.handshake.local_index
+    keypair = begin_session(peer.handshake, index, device.clock.monotonic(), peer)
+    device.indices[index] = (peer, keypair)
+    peer.keypairs.add(keypair)
+    device.release_retired_keypairs(peer)
+    peer.set_endpoint(source)
+    peer.sent_lastminute_handshake = False
+    peer.stats.handshakes_completed += 1
+    peer.timers.any_authenticated_packet_received()
+    peer.timers.any_authenticated_packet_traversal()
+    peer.timers.session_derived()
+    peer.timers.handshake_complete()
+    # Staged packets confirm the session to the responder; with none, a
+    # keepalive does, so the responder may send at once.
+    send.send_keepalive(device, peer)
+
+
+def handle_cookie_reply(device, data: bytes) -> None:
+    receiver = int.from_bytes(data[4:8], "little")
+    entry = device.indices.get(receiver)
+    if entry is None or not entry[0].cookie.consume_reply(data):
+        device.drops["invalid_cookie"] += 1
+
+
+# --- data -----------------------------------------------------------------------------
+
+def handle_data(device, data: bytes, source: tuple) -> None:
+    _, receiver, counter = DATA_HEADER.unpack_from(data)
+    entry = device.indices.get(receiver)
+    keypair = entry[1] if entry is not None else None
+    if keypair is None or keypair is entry[0].handshake:
+        device.drops["unknown_index"] += 1
+        return
+    now = device.clock.monotonic()
+    if not keypair.can_receive(now):
+        device.drops["expired_keypair"] += 1
+        return
+    if not keypair.replay.would_accept(counter):
+        device.drops["replay"] += 1
+        return
+    try:
+        plaintext = keypair.receiving.decrypt(aead_nonce(counter), data[DATA_HEADER.size:], None)
+    except Exception:
+        device.drops["auth_failed"] += 1
+        return
+    if not keypair.replay.accept(counter):        # a racing duplicate
+        device.drops["replay"] += 1
+        return
+    peer = entry[0]
+    authenticated(device, peer, keypair, source, len(data), now)
+    if plaintext:
+        deliver(device, peer, plaintext)
+
+
+def authenticated(device, peer, keypair, source: tuple, size: int, now: float) -> None:
+    """Everything an authenticated data message changes besides delivery."""
+    peer.set_endpoint(source)                              # roaming
+    peer.rx_bytes += size
+    peer.stats.rx_packets += 1
+    if peer.keypairs.received_with(keypair):
+        device.release_retired_keypairs(peer)
+        peer.stats.handshakes_completed += 1
+        peer.timers.handshake_complete()
+        send.send_staged(device, peer)
+    send.keep_key_fresh_on_receive(device, peer, now)
+    peer.timers.any_authenticated_packet_received()
+    peer.timers.any_authenticated_packet_traversal()
+
+
+def inner_source(packet: bytes) -> tuple[bytes | None, int]:
+    """(source address, real length without padding), or (None, 0) if malformed."""
+    version = packet[0] >> 4
+    if version == 4 and len(packet) >= 20:
+        length = int.from_bytes(packet[2:4], "big")
+        if 20 <= length <= len(packet):
+            return packet[12:16], length
+    elif version == 6 and len(packet) >= 40:
+        length = 40 + int.from_bytes(packet[4:6], "big")
+        if length <= len(packet):
+            return packet[8:24], length
+    return None, 0
+
+
+def source_allowed(device, peer, source: bytes) -> bool:
+    """The classic check: the inner source must be in the peer's allowed-ips."""
+    policy = peer_source_policy(device, peer)
+    if policy == "off":
+        return True
+    return device.allowed_ips.lookup(source) is peer
+
+
+def peer_source_policy(device, peer) -> str:
+    return getattr(peer, "source_policy", None) or getattr(device, "source_policy", "allowedips")
+
+
+def deliver(device, peer, plaintext: bytes) -> None:
+    peer.timers.data_received()
+    source, length = inner_source(plaintext)
+    if source is None:
+        device.drops["malformed_inner"] += 1
+        return
+    if not source_allowed(device, peer, source):
+        device.drops["source_policy"] += 1
+        peer.stats.dishonest_source += 1
+        return
+    device.tun.write(plaintext[:length])

@@ -1,0 +1,185 @@
+"""The send path: packets from the TUN device to peers over UDP.
+
+Pipeline, stage by stage (this version runs every stage in the one
+data-plane thread of the attach process; the worker pool of a later version
+splits it by peer, and each stage says what it needs to stay correct then):
+
+  1. packet_from_tun     read by the event loop from the TUN queue.
+  2. select_peer         which peer carries the packet: the ONE place that
+                         decides (classic rule here: destination in
+                         allowed-ips). No peer: drop, count, and answer with
+                         ICMP destination unreachable.
+  3. Peer.stage          queue it on the peer, bounded (MAX_STAGED_PACKETS).
+  4. send_staged         with a usable current keypair, encrypt every staged
+                         packet in order (a keypair's counter is owned by one
+                         sender); without one, start a handshake and leave
+                         the packets staged until it completes.
+  5. encrypt_and_send    pad to 16, ChaCha20-Poly1305 with the counter as
+                         nonce, UDP to the peer's endpoint; fire the timer
+                         hooks; rekey if the keypair is getting old.
+
+Handshake messages (initiation, response, cookie reply) leave from here too.
+"""
+
+import logging
+
+from . import icmp
+from .crypto import aead_nonce
+from .messages import (DATA_HEADER, MESSAGE_DATA, MESSAGE_PADDING_MULTIPLE,
+                       REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES,
+                       KEEPALIVE_TIMEOUT, REKEY_TIMEOUT)
+from .noise import HandshakeError, begin_session, create_initiation, create_response
+
+log = logging.getLogger("wgebpf")
+
+
+def destination_of(packet: bytes) -> bytes | None:
+    """The destination address of an IPv4/IPv6 packet (raw bytes), or None."""
+    if not packet:
+        return None
+    version = packet[0] >> 4
+    if version == 4 and len(packet) >= 20:
+        return packet[16:20]
+    if version == 6 and len(packet) >= 40:
+        return packet[24:40]
+    return None
+
+
+def select_peer(device, packet: bytes):
+    """The peer that carries an outgoing packet: longest match of its
+    destination in the peers' allowed-ips (classic WireGuard)."""
+    destination = destination_of(packet)
+    if destination is None:
+        return None
+    return device.allowed_ips.lookup(destination)
+
+
+def packet_from_tun(device, packet: bytes) -> None:
+    peer = select_peer(device, packet)
+    if peer is None:
+        if destination_of(packet) is None:
+            device.drops["malformed_outgoing"] += 1
+            return
+        device.drops["no_peer"] += 1
+        reply = icmp.unreachable(device, packet)
+        if reply is not None:
+            device.tun.write(reply)
+        return
+    peer.stage(packet)
+    send_staged(device, peer)
+
+
+def send_staged(device, peer) -> None:
+    keypair = peer.keypairs.current
+    now = device.clock.monotonic()
+    if keypair is None or not keypair.can_send(now):
+        send_handshake_initiation(device, peer, retry=False)
+        return
+    if peer.endpoint is None:
+        device.drops["no_endpoint"] += len(peer.staged)
+        peer.staged.clear()
+        return
+    while peer.staged:
+        if keypair.send_counter >= REJECT_AFTER_MESSAGES:
+            send_handshake_initiation(device, peer, retry=False)
+            return
+        encrypt_and_send(device, peer, keypair, peer.staged.popleft())
+    keep_key_fresh(device, peer, keypair, now)
+
+
+def send_keepalive(device, peer) -> None:
+    """An empty data message; only if nothing else is waiting to go."""
+    if not peer.staged:
+        peer.staged.append(b"")
+    send_staged(device, peer)
+
+
+def pad(packet: bytes, mtu: int) -> bytes:
+    """Pad to a multiple of 16 (hides exact lengths) but never beyond the MTU."""
+    size = len(packet)
+    padded = min(-(-size // MESSAGE_PADDING_MULTIPLE) * MESSAGE_PADDING_MULTIPLE, max(mtu, size))
+    return packet + bytes(padded - size) if padded > size else packet
+
+
+def encrypt_and_send(device, peer, keypair, packet: bytes) -> None:
+    counter = keypair.send_counter
+    keypair.send_counter = counter + 1
+    sealed = keypair.sending.encrypt(aead_nonce(counter), pad(packet, device.mtu), None)
+    message = DATA_HEADER.pack(MESSAGE_DATA, keypair.remote_index, counter) + sealed
+    device.conn.send(message, peer.endpoint)
+    peer.tx_bytes += len(message)
+    peer.stats.tx_packets += 1
+    timers = peer.timers
+    timers.any_authenticated_packet_traversal()
+    timers.any_authenticated_packet_sent()
+    if packet:
+        timers.data_sent()
+
+
+def keep_key_fresh(device, peer, keypair, now: float) -> None:
+    """The initiator of a session rekeys after REKEY_AFTER_TIME; either side
+    after REKEY_AFTER_MESSAGES (whitepaper 6.2)."""
+    if (keypair.send_counter > REKEY_AFTER_MESSAGES
+            or (keypair.i_am_the_initiator
+                and now - keypair.birthdate >= device.timing.rekey_after_time)):
+        send_handshake_initiation(device, peer, retry=False)
+
+
+def keep_key_fresh_on_receive(device, peer, now: float) -> None:
+    """If we initiated the current session and it nears REJECT_AFTER_TIME
+    without a rekey, try once more before the keys die (kernel's
+    "last minute" handshake)."""
+    keypair = peer.keypairs.current
+    if peer.sent_lastminute_handshake or keypair is None or not keypair.i_am_the_initiator:
+        return
+    if now - keypair.birthdate >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT:
+        peer.sent_lastminute_handshake = True
+        send_handshake_initiation(device, peer, retry=False)
+
+
+def send_handshake_initiation(device, peer, retry: bool) -> None:
+    if not retry:
+        peer.timers.handshake_attempts = 0
+    now = device.clock.monotonic()
+    if now - peer.last_sent_handshake < device.timing.rekey_timeout:
+        return                      # one initiation per REKEY_TIMEOUT at most
+    if peer.endpoint is None or device.identity.private_key is None:
+        return
+    if peer.handshake.local_index:
+        device.drop_index(peer.handshake.local_index)
+    try:
+        index = device.new_index(peer, peer.handshake)
+        message = create_initiation(device.identity, peer.handshake, index)
+    except HandshakeError as exc:
+        device.drop_index(index)
+        log.warning("%s: cannot create handshake initiation for %s: %s", device.name, peer, exc)
+        return
+    peer.last_sent_handshake = now
+    peer.cookie.add_macs(message)
+    peer.stats.handshakes_sent += 1
+    peer.timers.any_authenticated_packet_traversal()
+    peer.timers.any_authenticated_packet_sent()
+    device.conn.send(bytes(message), peer.endpoint)
+    peer.timers.handshake_initiated()
+
+
+def send_handshake_response(device, peer) -> None:
+    index = device.new_index(peer, peer.handshake)
+    try:
+        message = create_response(peer.handshake, index)
+    except HandshakeError:
+        device.drop_index(index)
+        raise
+    peer.cookie.add_macs(message)
+    keypair = begin_session(peer.handshake, index, device.clock.monotonic(), peer)
+    device.indices[index] = (peer, keypair)      # the session takes over the index
+    peer.keypairs.add(keypair)
+    device.release_retired_keypairs(peer)
+    peer.timers.session_derived()
+    peer.timers.any_authenticated_packet_traversal()
+    peer.timers.any_authenticated_packet_sent()
+    device.conn.send(bytes(message), peer.endpoint)
+
+
+def send_cookie_reply(device, message: bytes, source: tuple) -> None:
+    device.conn.send(device.cookie_checker.create_reply(message, source), source)
