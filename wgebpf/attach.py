@@ -1,0 +1,232 @@
+"""`wgebpf attach`: bring an interface up from a config, carry traffic until
+SIGINT/SIGTERM, and take down everything it created.
+
+Order matters for cleanup after a crash: the runtime state file is written
+before anything that outlives the process (routes, rules, later tc/XDP
+programs and nftables tables) is created, and updated as each is added, so
+`wgebpf detach NAME` can always find and remove them.
+"""
+
+import ipaddress
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+
+from . import link
+from .config import Config
+from .conn import UDPConn
+from .device import Device
+from .messages import DEFAULT_MTU
+from .state import RuntimeState
+from .timers import Timing
+from .tun import Tun
+from .uapi import UAPIServer
+
+log = logging.getLogger("wgebpf")
+
+MAX_SLEEP = 1.0
+TUN_BATCH = 64
+
+
+class AttachError(Exception):
+    pass
+
+
+def resolve_endpoint(host: str, port: int) -> tuple[str, int]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise AttachError(f"cannot resolve endpoint {host}:{port}: {exc.strerror}") from exc
+    family, _, _, _, address = infos[0]
+    return address[0], address[1]
+
+
+def configure_device(device: Device, config: Config) -> None:
+    """Apply the [Peer] sections (the [Interface] keys are applied by attach)."""
+    for pc in config.peers:
+        peer = device.add_peer(pc.public_key)
+        if pc.preshared_key:
+            peer.set_preshared_key(pc.preshared_key)
+        if pc.endpoint:
+            peer.set_endpoint(resolve_endpoint(*pc.endpoint))
+        for network in pc.allowed_ips:
+            device.add_allowed_ip(peer, network)
+        peer.source_policy = pc.source_policy
+        if pc.persistent_keepalive:
+            peer.set_persistent_keepalive(pc.persistent_keepalive)
+
+
+def check_underlay(underlay: str) -> None:
+    if not os.path.exists(f"/sys/class/net/{underlay}"):
+        raise AttachError(f"underlay interface {underlay!r} does not exist")
+
+
+def set_sysctl(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+class Attachment:
+    """One running interface: TUN, sockets, device, UAPI, routes, hooks."""
+
+    def __init__(self, underlay: str, config: Config, name: str):
+        self.underlay = underlay
+        self.config = config
+        self.name = name
+        self.tun = None
+        self.conn = None
+        self.uapi = None
+        self.state = None
+        self.routes: list = []
+        self.device: Device | None = None
+        self.selector = selectors.DefaultSelector()
+        self._stop = False
+
+    # --- bring up -------------------------------------------------------------------
+
+    def up(self) -> None:
+        iface = self.config.interface
+        check_underlay(self.underlay)
+        if link.link_exists(self.name):
+            raise AttachError(f"interface {self.name} already exists "
+                              f"(a running instance? try `wgebpf detach {self.name}`)")
+        self.state = RuntimeState(name=self.name, pid=os.getpid(), underlay=self.underlay)
+        self.state.save()
+        link.run_hooks(iface.pre_up, self.name)
+        self.tun = Tun.create(self.name)
+        mtu = iface.mtu or DEFAULT_MTU
+        link.configure(self.name, iface.addresses, mtu)
+        self._device_sysctls()
+        self.conn = UDPConn(iface.listen_port or 0, self.underlay, iface.fwmark)
+        self.device = Device(self.name, iface.private_key, tun=self, conn=self.conn,
+                             timing=Timing.from_environment(), addresses=iface.addresses, mtu=mtu)
+        self.device.fwmark = iface.fwmark
+        self.device.source_policy = iface.source_policy
+        self.device.peer_selection = iface.peer_selection
+        self.device.force_under_load = os.environ.get("WGEBPF_TEST_FORCE_UNDER_LOAD") == "1"
+        configure_device(self.device, self.config)
+        self.conn.on_rebind = self._register_sockets
+        self.uapi = UAPIServer(self.name, self.device, self.device.lock)
+        self.uapi.start()
+        self.state.socket_path = self.uapi.path
+        self.state.save()
+        self._add_routes()
+        link.run_hooks(iface.post_up, self.name)
+        self._register()
+
+    def _device_sysctls(self) -> None:
+        # accept_local: our ICMP errors come from our own address (icmp.py).
+        # forwarding: bpf_fib_lookup on this device needs it (platform.md 1).
+        base = f"/proc/sys/net/ipv4/conf/{self.name}"
+        set_sysctl(f"{base}/accept_local", "1")
+        link.enable_forwarding(self.name)
+
+    def _add_routes(self) -> None:
+        iface = self.config.interface
+        networks = [n for pc in self.config.peers for n in pc.allowed_ips]
+        self.routes = link.add_routes(self.name, networks, iface.table, iface.fwmark)
+        self.state.routes = [r.to_dict() for r in self.routes]
+        self.state.save()
+        mark = link.fwmark_of(self.routes)
+        if mark and not iface.fwmark:
+            self.device.set_fwmark(mark)        # wg-quick's default-route recipe needs it
+
+    def _register(self) -> None:
+        self.selector.register(self.tun.fds[0], selectors.EVENT_READ, ("tun", 0))
+        self._register_sockets()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+
+    def _register_sockets(self) -> None:
+        for key in list(self.selector.get_map().values()):
+            if key.data[0] == "udp":
+                self.selector.unregister(key.fileobj)
+        for sock in self.conn.sockets:
+            self.selector.register(sock, selectors.EVENT_READ, ("udp", sock))
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop = True
+
+    # --- the device's TUN ("tun" handed to Device: it writes decrypted packets) ---
+
+    def write(self, packet: bytes) -> None:
+        self.tun.write(packet)
+
+    # --- run --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        device = self.device
+        scheduler = device.scheduler
+        log.info("%s: up, listening on UDP port %d on %s", self.name, self.conn.listen_port,
+                 self.underlay)
+        while not self._stop:
+            timeout = scheduler.next_deadline()
+            timeout = MAX_SLEEP if timeout is None else min(timeout, MAX_SLEEP)
+            events = self.selector.select(timeout)
+            with device.lock:
+                for key, _ in events:
+                    kind, arg = key.data
+                    if kind == "tun":
+                        self._drain_tun(arg)
+                    elif kind == "udp":
+                        for data, source in self.conn.receive(arg):
+                            device.on_datagram(data, source)
+                    else:
+                        self._drain_wake()
+                scheduler.run_due()
+
+    def _drain_tun(self, queue: int) -> None:
+        for _ in range(TUN_BATCH):
+            packet = self.tun.read(queue)
+            if packet is None:
+                return
+            self.device.on_tun_packet(packet)
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 256):
+                pass
+        except BlockingIOError:
+            pass
+
+    # --- take down -----------------------------------------------------------------------
+
+    def down(self) -> None:
+        iface = self.config.interface
+        steps = [
+            ("PreDown hooks", lambda: link.run_hooks(iface.pre_down, self.name)),
+            ("UAPI socket", lambda: self.uapi and self.uapi.stop()),
+            ("device", lambda: self.device and self.device.close()),
+            ("routes", lambda: link.remove_routes(self.routes)),
+            ("sockets", lambda: self.conn and self.conn.close()),
+            ("TUN", lambda: self.tun and self.tun.close()),
+            ("PostDown hooks", lambda: link.run_hooks(iface.post_down, self.name)),
+            ("state", lambda: self.state and self.state.remove()),
+        ]
+        for what, step in steps:
+            try:
+                step()
+            except Exception as exc:        # keep going: leave as little behind as we can
+                log.error("%s: removing %s failed: %s", self.name, what, exc)
+
+
+def attach(underlay: str, config: Config, name: str) -> None:
+    attachment = Attachment(underlay, config, name)
+    # Signals during bring-up must still lead to a full take-down.
+    previous = {sig: signal.signal(sig, attachment._on_signal)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        attachment.up()
+        if not attachment._stop:
+            attachment.run()
+    finally:
+        attachment.down()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,117 @@
+"""The `wgebpf` command line."""
+
+import base64
+import logging
+import os
+import sys
+
+import typer
+
+from . import keys
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True,
+    help="A userspace WireGuard for Linux that treats WireGuard as a link layer.\n\n"
+         "Example: wgebpf attach eth0 --config /etc/wireguard/wg0.conf --name wg0",
+)
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.echo(f"wgebpf: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def attach(
+    underlay: str = typer.Argument(..., help="the interface WireGuard's UDP runs over, e.g. eth0"),
+    config: str = typer.Option(..., "--config", "-c", help="wg-quick style config file"),
+    name: str = typer.Option("wgebpf0", "--name", "-n", help="the WireGuard interface to create"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+):
+    """Create interface NAME from CONFIG, carry traffic over UNDERLAY until
+    SIGINT/SIGTERM, then remove everything created.
+
+    Example: wgebpf attach eth0 --config wg0.conf --name wg0
+    """
+    from .attach import AttachError, attach as run_attach
+    from .config import ConfigError, load
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="wgebpf[%(process)d]: %(message)s", stream=sys.stderr)
+    try:
+        cfg = load(config)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    if os.geteuid() != 0:
+        fail("attach needs root (CAP_NET_ADMIN)")
+    try:
+        run_attach(underlay, cfg, name)
+    except (AttachError, OSError) as exc:
+        fail(f"attach {name}: {exc}")
+    except Exception as exc:  # hooks, netlink: report, never a traceback wall
+        fail(f"attach {name}: {type(exc).__name__}: {exc}")
+
+
+@app.command()
+def detach(name: str = typer.Argument(..., help="interface name")):
+    """Stop a running instance and remove whatever it (or a crashed one) left.
+
+    Example: wgebpf detach wg0
+    """
+    from .state import detach as run_detach
+    try:
+        for line in run_detach(name):
+            typer.echo(line)
+    except ValueError as exc:
+        fail(str(exc), 2)
+
+
+@app.command()
+def show(name: str = typer.Argument(None, help="interface name (default: all)")):
+    """Show interfaces in the layout of `wg show` (keys hidden).
+
+    Example: wgebpf show wg0
+    """
+    from .show import ShowError, interfaces, query, render
+    names = [name] if name else interfaces()
+    try:
+        typer.echo("\n".join(render(n, query(n)) for n in names), nl=False)
+    except ShowError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def genkey():
+    """Print a new private key (base64), like `wg genkey`."""
+    typer.echo(keys.encode(keys.generate_private_key()))
+
+
+@app.command()
+def pubkey():
+    """Read a private key on stdin, print its public key, like `wg pubkey`."""
+    try:
+        private = keys.decode(sys.stdin.read().strip())
+    except keys.KeyFormatError as exc:
+        fail(f"pubkey: {exc}", 1)
+    typer.echo(keys.encode(keys.public_key(private)))
+
+
+@app.command()
+def genpsk():
+    """Print a new preshared key (base64), like `wg genpsk`."""
+    typer.echo(keys.encode(keys.generate_preshared_key()))
+
+
+@app.command()
+def demo():
+    """Build two namespaces (wgebpf and wireguard-go), send traffic, show both."""
+    from . import demo as demo_module
+    raise typer.Exit(demo_module.main() or 0)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
