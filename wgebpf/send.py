@@ -28,6 +28,7 @@ from .crypto import aead_nonce
 from .messages import (DATA_HEADER, MESSAGE_DATA, MESSAGE_PADDING_MULTIPLE,
                        REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES,
                        KEEPALIVE_TIMEOUT, REKEY_TIMEOUT)
+from . import tai64n
 from .noise import HandshakeError, begin_session, create_initiation, create_response
 
 log = logging.getLogger("wgebpf")
@@ -149,7 +150,8 @@ def send_handshake_initiation(device, peer, retry: bool) -> None:
         device.drop_index(peer.handshake.local_index)
     try:
         index = device.new_index(peer, peer.handshake)
-        message = create_initiation(device.identity, peer.handshake, index)
+        message = create_initiation(device.identity, peer.handshake, index,
+                                    tai64n.now(device.clock.wall))
     except HandshakeError as exc:
         device.drop_index(index)
         log.warning("%s: cannot create handshake initiation for %s: %s", device.name, peer, exc)
