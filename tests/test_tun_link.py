@@ -1,0 +1,384 @@
+"""TUN device and link/address/route configuration, against the real kernel.
+
+Every test runs in a fresh network namespace: the `netns` fixture moves the
+test's thread into it with setns() and back out afterwards, so the code under
+test (pyroute2, ioctls, /proc/sys, subprocesses it starts) sees only that
+namespace.
+"""
+
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import json
+import os
+import secrets
+import select
+import socket
+import struct
+import subprocess
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from wgebpf import link
+from wgebpf.link import HookError, LinkError, RouteRecord
+from wgebpf.tun import MAX_QUEUES, Tun, TunError
+
+pytestmark = pytest.mark.netns
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@contextmanager
+def _inside(ns: str):
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+        os.close(target)
+
+
+@pytest.fixture
+def netns():
+    """Function scope; needs root and iproute2. Yields the name of a fresh
+    namespace that the test's thread is inside of, with lo up; always deleted."""
+    name = f"wgebpf-t-{os.getpid()}-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        with _inside(name):
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+            # Guard: never run these tests against the root namespace.
+            assert _sh("ip -o link show").count("\n") == 1, "not in a fresh namespace"
+            yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def _sh(cmd: str) -> str:
+    return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
+
+
+def _ifname() -> str:
+    return f"wgt{secrets.token_hex(4)}"   # 11 chars; unique also across parallel runs
+
+
+def _link_json(name: str) -> dict:
+    return json.loads(_sh(f"ip -d -j addr show dev {name}"))[0]
+
+
+def _read_udp(tun: Tun, timeout: float = 2.0) -> tuple[int, bytes]:
+    """The first UDP packet that arrives on any queue, and its queue index.
+
+    Other packets (IPv6 router solicitations, MLD reports the kernel sends
+    when the link comes up) are skipped.
+    """
+    poller = select.poll()
+    for fd in tun.fds:
+        poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        for fd, _ in poller.poll(left * 1000):
+            q = tun.fds.index(fd)
+            packet = tun.read(q)
+            if packet and _is_udp(packet):
+                return q, packet
+    raise AssertionError("no UDP packet arrived on the TUN")
+
+
+def _is_udp(packet: bytes) -> bool:
+    return packet[9] == 17 if packet[0] >> 4 == 4 else packet[6] == 17
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def _udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    """An IPv4 or IPv6 UDP packet with valid checksums (IPv6 requires one)."""
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    length = 8 + len(payload)
+    if s.version == 4:
+        pseudo = s.packed + d.packed + struct.pack("!BBH", 0, 17, length)
+    else:
+        pseudo = s.packed + d.packed + struct.pack("!I3xB", length, 17)
+    udp = struct.pack("!HHHH", sport, dport, length, 0) + payload
+    csum = _checksum(pseudo + udp) or 0xFFFF
+    udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
+    if s.version == 4:
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0, 64, 17, 0, s.packed, d.packed)
+        hdr = hdr[:10] + struct.pack("!H", _checksum(hdr)) + hdr[12:]
+        return hdr + udp
+    return struct.pack("!IHBB16s16s", 6 << 28, length, 17, 64, s.packed, d.packed) + udp
+
+
+def _parse_udp(packet: bytes) -> tuple[str, str, bytes]:
+    """(src, dst, payload) of an IPv4/IPv6 UDP packet."""
+    if packet[0] >> 4 == 4:
+        ihl = (packet[0] & 0xF) * 4
+        assert packet[9] == 17
+        return (str(ipaddress.ip_address(packet[12:16])), str(ipaddress.ip_address(packet[16:20])),
+                packet[ihl + 8:])
+    assert packet[6] == 17
+    return (str(ipaddress.ip_address(packet[8:24])), str(ipaddress.ip_address(packet[24:40])),
+            packet[48:])
+
+
+# A minimal eBPF loader: `r0 = ret; exit`, enough to test the steering ioctl.
+_SYS_bpf = 321
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_SOCKET_FILTER = 1
+
+
+def _load_const_prog(prog_type: int, ret: int) -> int:
+    insns = ctypes.create_string_buffer(struct.pack("<BBhi", 0xB7, 0, 0, ret)
+                                        + struct.pack("<BBhi", 0x95, 0, 0, 0))
+    lic = ctypes.create_string_buffer(b"GPL")
+    attr = ctypes.create_string_buffer(
+        struct.pack("<IIQQ", prog_type, 2, ctypes.addressof(insns), ctypes.addressof(lic)), 128)
+    fd = _libc.syscall(_SYS_bpf, BPF_PROG_LOAD, attr, 128)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
+ADDRS = [ipaddress.ip_interface("192.0.2.1/24"), ipaddress.ip_interface("2001:db8::1/64")]
+
+
+@pytest.fixture
+def tun(netns):
+    name = _ifname()
+    t = Tun.create(name, queues=3)
+    link.configure(name, ADDRS, 1400)
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+# --- the TUN device ---------------------------------------------------------------
+
+@pytest.mark.parametrize("queues", [1, 3])
+def test_create_multi_queue(netns, queues):
+    name = _ifname()
+    t = Tun.create(name, queues=queues)
+    try:
+        info = _link_json(name)
+        assert info["linkinfo"]["info_kind"] == "tun"
+        data = info["linkinfo"]["info_data"]
+        assert data["multi_queue"] is True and data["pi"] is False and data["persist"] is False
+        assert data["numqueues"] == queues
+        assert t.name == name and t.ifindex == info["ifindex"] and len(t.fds) == queues
+        assert all(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK for fd in t.fds)
+        assert t.read(queues - 1) is None            # empty queue: None, not an exception
+        assert t.add_queue() == queues
+        assert _link_json(name)["linkinfo"]["info_data"]["numqueues"] == queues + 1
+    finally:
+        t.close()
+    assert not link.link_exists(name), "a non-persistent TUN goes away with its last fd"
+
+
+@pytest.mark.parametrize("make, expect_errno", [
+    (lambda name: Tun.create("x" * 16), errno.EINVAL),
+    (lambda name: Tun.create("bad/name"), errno.EINVAL),
+    (lambda name: Tun.create(name, queues=0), errno.EINVAL),
+    (lambda name: Tun.create(name, queues=MAX_QUEUES + 1), errno.EINVAL),
+    (lambda name: Tun.create("lo"), errno.EEXIST),
+])
+def test_create_refuses(netns, make, expect_errno):
+    with pytest.raises(TunError) as e:
+        make(_ifname())
+    assert e.value.errno == expect_errno and str(e.value)
+
+
+def test_create_refuses_existing_tun_and_queue_limit(netns):
+    name = _ifname()
+    with Tun.create(name, queues=MAX_QUEUES) as t:
+        assert len(t.fds) == MAX_QUEUES
+        with pytest.raises(TunError, match="already exists"):
+            Tun.create(name)
+        with pytest.raises(TunError, match="maximum") as e:
+            t.add_queue()
+        assert e.value.errno == errno.E2BIG
+
+
+def test_configure_addresses_mtu_up_forwarding(tun):
+    link.enable_forwarding(tun.name)
+    info = _link_json(tun.name)
+    assert info["mtu"] == 1400
+    assert "UP" in info["flags"]
+    got = {f"{a['local']}/{a['prefixlen']}": a for a in info["addr_info"]}
+    assert {"192.0.2.1/24", "2001:db8::1/64"} <= set(got)
+    assert got["2001:db8::1/64"].get("nodad") and not got["2001:db8::1/64"].get("tentative")
+    for fam in ("ipv4", "ipv6"):
+        with open(f"/proc/sys/net/{fam}/conf/{tun.name}/forwarding") as f:
+            assert f.read().strip() == "1"
+    link.configure(tun.name, ADDRS, 1400)   # again: existing addresses are fine
+
+
+@pytest.mark.parametrize("dst", ["198.51.100.7", "2001:db8:1::7"])
+def test_kernel_to_tun(tun, dst):
+    link.add_routes(tun.name, ["198.51.100.0/24", "2001:db8:1::/48"], "auto")
+    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_DGRAM) as s:
+        s.sendto(b"through the tunnel", (dst, 9))
+    _, packet = _read_udp(tun)
+    src, got_dst, payload = _parse_udp(packet)
+    assert (got_dst, payload) == (dst, b"through the tunnel")
+    assert src in ("192.0.2.1", "2001:db8::1")
+
+
+@pytest.mark.parametrize("src, dst, queue", [
+    ("192.0.2.2", "192.0.2.1", 0),
+    ("2001:db8::2", "2001:db8::1", 0),
+    ("192.0.2.2", "192.0.2.1", 2),
+])
+def test_tun_to_kernel(tun, src, dst, queue):
+    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_DGRAM) as s:
+        s.bind((dst, 0))      # works at once for IPv6 only thanks to NODAD
+        s.settimeout(2)
+        port = s.getsockname()[1]
+        assert tun.write(_udp_packet(src, dst, 40000, port, b"from a peer"), queue) is True
+        data, addr = s.recvfrom(100)
+    assert data == b"from a peer" and addr[:2] == (src, 40000)
+
+
+def test_steering_program_picks_the_queue(tun):
+    link.add_routes(tun.name, ["198.51.100.0/24"], "auto")
+    prog = _load_const_prog(BPF_PROG_TYPE_SOCKET_FILTER, 2)
+    try:
+        tun.set_steering_program(prog)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for port in range(1000, 1010):      # different flows would hash apart
+                s.sendto(b"x", ("198.51.100.9", port))
+                assert _read_udp(tun)[0] == 2
+        tun.set_steering_program(-1)
+    finally:
+        os.close(prog)
+
+
+# --- links ------------------------------------------------------------------------
+
+def test_link_exists_kind_and_remove(netns):
+    name = _ifname()
+    assert not link.link_exists(name) and link.remove_link(name) is False
+    t = Tun.create(name)
+    try:
+        assert link.link_exists(name) and link.link_kind(name) == "tun"
+        assert link.remove_link(name) is True     # works while the fd is still open
+        assert not link.link_exists(name)
+    finally:
+        t.close()
+    with pytest.raises(LinkError):
+        link.configure(name, ADDRS, 1400)
+
+
+# --- routes -----------------------------------------------------------------------
+
+def _snapshot() -> str:
+    return _sh("ip route show table all; ip -6 route show table all; ip rule; ip -6 rule")
+
+
+def _routes(table: str, fam: str = "-4") -> set[str]:
+    return {line.split()[0] for line in _sh(f"ip {fam} route show table {table}").splitlines()}
+
+
+NETS = ["192.0.2.0/25", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/80", "2001:db8:1::/48"]
+
+
+@pytest.mark.parametrize("table, fwmark, main4, main6, other_table, rules", [
+    # off: nothing
+    ("off", 0, set(), set(), None, 0),
+    # a number: everything in that table, nothing else, no rules
+    ("1234", 0, set(), set(), ("1234", {"192.0.2.0/25", "198.51.100.0/24", "203.0.113.0/24"}), 0),
+    # auto: main table, except networks the connected routes already cover
+    ("auto", 0, {"198.51.100.0/24", "203.0.113.0/24"}, {"2001:db8:1::/48"}, None, 0),
+    (None, 0, {"198.51.100.0/24", "203.0.113.0/24"}, {"2001:db8:1::/48"}, None, 0),
+])
+def test_add_routes_table_modes(tun, table, fwmark, main4, main6, other_table, rules):
+    before = _snapshot()
+    main4_before, main6_before = _routes("main"), _routes("main", "-6")
+    records = link.add_routes(tun.name, NETS, table, fwmark)
+    assert _routes("main") - main4_before == main4
+    assert _routes("main", "-6") - main6_before == main6
+    if other_table:
+        assert _routes(other_table[0]) == other_table[1]
+    assert sum(r.kind == "rule" for r in records) == rules
+    dicts = json.loads(json.dumps([r.to_dict() for r in records]))   # as state.py stores them
+    assert [RouteRecord.from_dict(d) for d in dicts] == records
+    link.remove_routes(dicts)
+    assert _snapshot() == before
+    assert all("already gone" in line for line in link.remove_routes(dicts))   # idempotent
+
+
+@pytest.mark.parametrize("fwmark, occupy, expect_table", [
+    (0, None, 51820),          # wg-quick's default
+    (0, "51820", 51821),       # ... or the next free table
+    (0x1234, None, 0x1234),    # the device's FwMark is the table
+])
+def test_add_routes_default_route_recipe(tun, fwmark, occupy, expect_table):
+    if occupy:
+        _sh(f"ip route add 203.0.113.0/24 dev {tun.name} table {occupy}")
+    before = _snapshot()
+    records = link.add_routes(tun.name, ["0.0.0.0/0", "::/0", "198.51.100.0/24"], "auto", fwmark)
+    assert link.fwmark_of(records) == expect_table
+    assert _routes(str(expect_table)) == {"default"}
+    assert _routes(str(expect_table), "-6") == {"default"}
+    for fam in ("-4", "-6"):
+        rules = _sh(f"ip {fam} rule")
+        assert f"32765:\tnot from all fwmark {expect_table:#x} lookup {expect_table}" in rules
+        assert "32764:\tfrom all lookup main suppress_prefixlength 0" in rules
+    assert "198.51.100.0/24" in _routes("main")
+    link.remove_routes([r.to_dict() for r in records])
+    assert _snapshot() == before
+
+
+def test_add_routes_failure_rolls_back(tun):
+    _sh(f"ip route add 203.0.113.0/24 dev {tun.name} table 1234")
+    before = _snapshot()
+    with pytest.raises(LinkError, match="203.0.113.0/24"):
+        link.add_routes(tun.name, ["198.51.100.0/24", "203.0.113.0/24"], 1234)
+    assert _snapshot() == before
+
+
+def test_add_routes_rejects_bad_table(tun):
+    with pytest.raises(ValueError):
+        link.add_routes(tun.name, NETS, "nonsense")
+
+
+# --- hooks ------------------------------------------------------------------------
+
+def test_hooks_substitute_name_and_run_in_order(tmp_path):
+    out = tmp_path / "out"
+    link.run_hooks([f"echo first %i > {out}", f"echo 'second %i' >> {out}"], "wg7")
+    assert out.read_text() == "first wg7\nsecond wg7\n"
+
+
+def test_failing_hook_raises_and_stops(tmp_path):
+    marker = tmp_path / "ran"
+    with pytest.raises(HookError) as e:
+        link.run_hooks(["echo oops on %i >&2; exit 3", f"touch {marker}"], "wg7")
+    assert e.value.cmd == "echo oops on wg7 >&2; exit 3"
+    assert e.value.returncode == 3 and "oops on wg7" in e.value.stderr
+    assert not marker.exists()
