@@ -167,7 +167,8 @@ class Attachment:
         log.info("%s: up, listening on UDP port %d on %s", self.name, self.conn.listen_port,
                  self.underlay)
         while not self._stop:
-            timeout = scheduler.next_deadline()
+            with device.lock:
+                timeout = scheduler.next_deadline()
             timeout = MAX_SLEEP if timeout is None else min(timeout, MAX_SLEEP)
             events = self.selector.select(timeout)
             with device.lock:
