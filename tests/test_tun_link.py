@@ -26,8 +26,6 @@ from wgebpf import link
 from wgebpf.link import HookError, LinkError, RouteRecord
 from wgebpf.tun import MAX_QUEUES, Tun, TunError
 
-pytestmark = pytest.mark.netns
-
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
 
@@ -125,7 +123,8 @@ def _udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes) -> b
     csum = _checksum(pseudo + udp) or 0xFFFF
     udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
     if s.version == 4:
-        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0, 64, 17, 0, s.packed, d.packed)
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0, 64, 17, 0,
+                          s.packed, d.packed)
         hdr = hdr[:10] + struct.pack("!H", _checksum(hdr)) + hdr[12:]
         return hdr + udp
     return struct.pack("!IHBB16s16s", 6 << 28, length, 17, 64, s.packed, d.packed) + udp
@@ -178,6 +177,7 @@ def tun(netns):
 
 # --- the TUN device ---------------------------------------------------------------
 
+@pytest.mark.netns
 @pytest.mark.parametrize("queues", [1, 3])
 def test_create_multi_queue(netns, queues):
     name = _ifname()
@@ -198,6 +198,7 @@ def test_create_multi_queue(netns, queues):
     assert not link.link_exists(name), "a non-persistent TUN goes away with its last fd"
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize("make, expect_errno", [
     (lambda name: Tun.create("x" * 16), errno.EINVAL),
     (lambda name: Tun.create("bad/name"), errno.EINVAL),
@@ -211,6 +212,7 @@ def test_create_refuses(netns, make, expect_errno):
     assert e.value.errno == expect_errno and str(e.value)
 
 
+@pytest.mark.netns
 def test_create_refuses_existing_tun_and_queue_limit(netns):
     name = _ifname()
     with Tun.create(name, queues=MAX_QUEUES) as t:
@@ -222,6 +224,7 @@ def test_create_refuses_existing_tun_and_queue_limit(netns):
         assert e.value.errno == errno.E2BIG
 
 
+@pytest.mark.netns
 def test_configure_addresses_mtu_up_forwarding(tun):
     link.enable_forwarding(tun.name)
     info = _link_json(tun.name)
@@ -236,6 +239,7 @@ def test_configure_addresses_mtu_up_forwarding(tun):
     link.configure(tun.name, ADDRS, 1400)   # again: existing addresses are fine
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize("dst", ["198.51.100.7", "2001:db8:1::7"])
 def test_kernel_to_tun(tun, dst):
     link.add_routes(tun.name, ["198.51.100.0/24", "2001:db8:1::/48"], "auto")
@@ -248,6 +252,7 @@ def test_kernel_to_tun(tun, dst):
     assert src in ("192.0.2.1", "2001:db8::1")
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize("src, dst, queue", [
     ("192.0.2.2", "192.0.2.1", 0),
     ("2001:db8::2", "2001:db8::1", 0),
@@ -264,6 +269,7 @@ def test_tun_to_kernel(tun, src, dst, queue):
     assert data == b"from a peer" and addr[:2] == (src, 40000)
 
 
+@pytest.mark.netns
 def test_steering_program_picks_the_queue(tun):
     link.add_routes(tun.name, ["198.51.100.0/24"], "auto")
     prog = _load_const_prog(BPF_PROG_TYPE_SOCKET_FILTER, 2)
@@ -280,6 +286,7 @@ def test_steering_program_picks_the_queue(tun):
 
 # --- links ------------------------------------------------------------------------
 
+@pytest.mark.netns
 def test_link_exists_kind_and_remove(netns):
     name = _ifname()
     assert not link.link_exists(name) and link.remove_link(name) is False
@@ -307,6 +314,7 @@ def _routes(table: str, fam: str = "-4") -> set[str]:
 NETS = ["192.0.2.0/25", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/80", "2001:db8:1::/48"]
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize("table, fwmark, main4, main6, other_table, rules", [
     # off: nothing
     ("off", 0, set(), set(), None, 0),
@@ -332,6 +340,7 @@ def test_add_routes_table_modes(tun, table, fwmark, main4, main6, other_table, r
     assert all("already gone" in line for line in link.remove_routes(dicts))   # idempotent
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize("fwmark, occupy, expect_table", [
     (0, None, 51820),          # wg-quick's default
     (0, "51820", 51821),       # ... or the next free table
@@ -354,6 +363,7 @@ def test_add_routes_default_route_recipe(tun, fwmark, occupy, expect_table):
     assert _snapshot() == before
 
 
+@pytest.mark.netns
 def test_add_routes_failure_rolls_back(tun):
     _sh(f"ip route add 203.0.113.0/24 dev {tun.name} table 1234")
     before = _snapshot()
@@ -362,6 +372,7 @@ def test_add_routes_failure_rolls_back(tun):
     assert _snapshot() == before
 
 
+@pytest.mark.netns
 def test_add_routes_rejects_bad_table(tun):
     with pytest.raises(ValueError):
         link.add_routes(tun.name, NETS, "nonsense")

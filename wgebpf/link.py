@@ -169,7 +169,8 @@ def configure(name: str, addresses: list[IPv4Interface | IPv6Interface], mtu: in
             ipr.link("set", index=index, state="up")
         except NetlinkError as e:
             raise LinkError(f"cannot bring {name} up: {e}") from e
-        _wait_ipv6_ready(ipr, index, [a for a in addresses if ipaddress.ip_interface(a).version == 6])
+        v6 = [a for a in addresses if ipaddress.ip_interface(a).version == 6]
+        _wait_ipv6_ready(ipr, index, v6)
 
 
 def _wait_ipv6_ready(ipr: IPRoute, index: int, addresses: list, timeout: float = 1.0) -> None:
@@ -297,7 +298,8 @@ def _rule_args(record: RouteRecord) -> dict:
     if record.fwmark is not None:
         kw.update(fwmark=record.fwmark, flags=FIB_RULE_INVERT)
     if record.suppress_prefixlength is not None:
-        kw["suppress_prefixlen"] = record.suppress_prefixlength   # pyroute2 names it after FRA_SUPPRESS_PREFIXLEN
+        # pyroute2 names it after FRA_SUPPRESS_PREFIXLEN and ignores unknown keys.
+        kw["suppress_prefixlen"] = record.suppress_prefixlength
     return kw
 
 
@@ -328,9 +330,17 @@ def add_routes(name: str, networks: list, table: str | int | None = "auto",
                 elif not _covered_on_device(ipr, index, net):
                     records.append(_add_route(ipr, name, index, net, RT_TABLE_MAIN))
     except BaseException:
-        remove_routes(records)
+        _undo(records)
         raise
     return records
+
+
+def _undo(records: list[RouteRecord]) -> None:
+    # Best effort while another error is on its way up: that one matters more.
+    try:
+        remove_routes(records)
+    except Exception:
+        pass
 
 
 def _add_default(ipr: IPRoute, name: str, index: int, net: Network, fwmark: int | None,
@@ -342,7 +352,7 @@ def _add_default(ipr: IPRoute, name: str, index: int, net: Network, fwmark: int 
         added.append(_add_rule(ipr, net.version, table, fwmark=table))
         added.append(_add_rule(ipr, net.version, RT_TABLE_MAIN, suppress_prefixlength=0))
     except BaseException:
-        remove_routes(added)
+        _undo(added)
         raise
     return added
 
