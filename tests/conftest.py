@@ -1,0 +1,97 @@
+"""Shared fixtures, built from wgebpf.netns.
+
+Test tiers: unmarked tests need nothing special. Tests marked `netns` need
+root, `ip netns` and the real kernel; `interop` ones also run Debian's
+wireguard-go as the peer.
+
+`pytest --a-impl=wireguard-go` runs the interop tests with wireguard-go on
+host A as well. That checks the tests themselves against a known-good
+implementation; tests marked `wgebpf_only` (they drive wgebpf's own CLI or
+test-only overrides) are deselected in that mode, not skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from wgebpf import netns
+
+IMPLEMENTATIONS = ("wgebpf", "wireguard-go")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--a-impl", default="wgebpf", choices=IMPLEMENTATIONS,
+                     help="implementation on host A in the interop tests "
+                          "(wireguard-go = check the tests against a reference)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "wgebpf_only: exercises wgebpf itself; deselected with --a-impl=wireguard-go")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--a-impl") == "wgebpf":
+        return
+    keep, dropped = [], []
+    for item in items:
+        (dropped if item.get_closest_marker("wgebpf_only") else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    # Keep each phase's report on the item so fixtures can see a failure.
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(scope="session")
+def a_impl(request) -> str:
+    """Session scope. Which implementation runs on host A (--a-impl)."""
+    return request.config.getoption("--a-impl")
+
+
+@pytest.fixture(scope="session")
+def root() -> None:
+    """Session scope. Fails (does not skip) when not root: netns tests need it."""
+    assert os.geteuid() == 0, "network-namespace tests must run as root (sudo ./scripts/test.sh)"
+
+
+@pytest.fixture
+def topo(request, root) -> netns.TwoHosts:
+    """Function scope; needs root. A fresh two-host topology (A and B joined
+    by veth, see wgebpf/netns.py), torn down after the test. When the test
+    fails, every daemon's log is printed with the report."""
+    hosts = netns.TwoHosts()
+    try:
+        yield hosts
+    finally:
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(hosts.logs())
+        hosts.close()
+
+
+@pytest.fixture
+def make_pair(topo, a_impl):
+    """Function scope; needs `topo`. A factory: make_pair(**kwargs) starts A
+    (the --a-impl implementation) and B (wireguard-go) as each other's peer
+    and returns (a, b). kwargs are those of wgebpf.netns.make_pair:
+    endpoints=a|b|both|none, family=4|6, psk=..., a_env={...}, configs=(...)."""
+    def factory(**kwargs):
+        kwargs.setdefault("a_impl", a_impl)
+        return netns.make_pair(topo, **kwargs)
+    return factory
+
+
+@pytest.fixture
+def host_c(topo) -> netns.Namespace:
+    """Function scope; needs `topo`. A third namespace C routed behind B
+    (203.0.113.3, 2001:db8:2::3), for roaming and extra-peer tests."""
+    return topo.add_host_behind_b()
