@@ -1,0 +1,185 @@
+/* common.h: what wgebpf's eBPF programs and their Python loaders agree on.
+ *
+ * Map names, key and value layouts, flags, counter indexes and verdicts live
+ * here and only here (the xdp-tools common_kern_user.h habit).
+ * wgebpf/bpfmaps.py mirrors every item with ctypes; the tests compile this
+ * header with bcc and check that sizes, offsets and values agree.
+ *
+ * Plain types only (__u8/__u32/__u64 and fixed arrays, no bitfields, no
+ * implicit padding), so that ctypes lays them out exactly as clang does.
+ */
+#ifndef WGEBPF_COMMON_H
+#define WGEBPF_COMMON_H
+
+/* ---- Peers, slots and queues -------------------------------------------
+ * A peer has a small integer slot; its packets leave through TUN queue
+ * `slot`. Queue 0 belongs to the control plane: whatever no peer takes goes
+ * there, and the control plane answers it with ICMP unreachable. The kernel
+ * allows 256 queues per TUN (MAX_TAP_QUEUES), so slots are 1..255. */
+#define WG_QUEUE_CONTROL	0
+#define WG_SLOT_MIN		1
+#define WG_SLOT_MAX		255
+#define WG_QUEUES_MAX		256
+
+/* ---- Map names ------------------------------------------------------------
+ * The C programs declare and use the maps under these identifiers (bcc
+ * cannot rewrite map calls spelled through a macro, so the strings are the
+ * reference and the tests check each is a map of the compiled programs with
+ * the layouts below). At most 15 characters: BPF_OBJ_NAME_LEN. */
+#define WG_MAP_CONFIG		"wg_config"	/* array[1] of struct wg_config */
+#define WG_MAP_PEERS4		"wg_peers4"	/* lpm_trie wg_lpm_key4 -> __u32 slot */
+#define WG_MAP_PEERS6		"wg_peers6"	/* lpm_trie wg_lpm_key6 -> __u32 slot */
+#define WG_MAP_COUNTERS		"wg_counters"	/* percpu_array[WG_CNT_MAX] of __u64 */
+#define WG_MAP_NEXTHOPS		"wg_nexthops"	/* lru_percpu_hash wg_nexthop_key -> wg_nexthop_stats */
+#define WG_MAP_RXINDEX		"wg_rxindex"	/* hash __u32 receiver index -> __u32 socket position */
+
+/* Sizes. The tries are not preallocated (BPF_F_NO_PREALLOC is mandatory for
+ * LPM tries), so a large bound costs nothing until used: a classic config
+ * may carry a full routing table in AllowedIPs. */
+#define WG_PEERS4_MAX		1048576
+#define WG_PEERS6_MAX		262144
+#define WG_NEXTHOPS_MAX		4096
+#define WG_RXINDEX_MAX		65536
+
+/* ---- wg_config[0] ---------------------------------------------------------
+ * flags:     WG_CFG_* below.
+ * fib_flags: bpf_fib_lookup flags; the loader picks them for the running
+ *            kernel (WG_FIB_LOOKUP_MARK only from 6.10 on: older kernels
+ *            refuse unknown flags with -EINVAL). The classifier adds or
+ *            removes WG_FIB_LOOKUP_OUTPUT itself (see nexthop.c).
+ * queues:    number of TUN queues. A slot >= queues would wrap around
+ *            (the TUN takes the steering result modulo the queue count) and
+ *            land on another peer's queue, so the classifier sends it to
+ *            queue 0 instead and counts WG_CNT_NO_QUEUE. */
+struct wg_config {
+	__u32 flags;
+	__u32 fib_flags;
+	__u32 queues;
+};
+
+/* Classic WireGuard rule: the destination itself is the key and no FIB
+ * lookup is done. Without it the key is the route's next hop. */
+#define WG_CFG_ALLOWEDIPS	(1U << 0)
+
+/* ---- Allowed-ips tries (key layout fixed by the kernel's LPM trie) ------- */
+struct wg_lpm_key4 {
+	__u32 prefixlen;	/* host byte order, 0..32 */
+	__u8 addr[4];		/* network byte order */
+};
+
+struct wg_lpm_key6 {
+	__u32 prefixlen;	/* host byte order, 0..128 */
+	__u8 addr[16];		/* network byte order */
+};
+
+/* ---- Per-next-hop traffic (for metrics) -------------------------------------
+ * Counted in nexthop mode for every packet whose FIB lookup gave a next hop,
+ * whether a peer owns it or not. LRU: the table stays bounded, and a next hop
+ * that has gone quiet makes room for a new one. */
+struct wg_nexthop_key {
+	__u8 family;		/* AF_INET (2) or AF_INET6 (10) */
+	__u8 pad[3];		/* zero */
+	__u8 addr[16];		/* network byte order; IPv4 uses the first 4, rest zero */
+};
+
+struct wg_nexthop_stats {
+	__u64 packets;
+	__u64 bytes;		/* skb->len: the IP packet, no outer headers */
+};
+
+/* ---- Counters: wg_counters[index], one per-CPU __u64 each ----------------
+ * Verdict reasons: every packet the classifier sees is counted under exactly
+ * one of these. */
+#define WG_CNT_PEER		0	/* a peer owns the key: its queue */
+#define WG_CNT_NO_PEER		1	/* queue 0: no peer owns the key */
+#define WG_CNT_NOT_IP		2	/* queue 0: neither IPv4 nor IPv6 */
+#define WG_CNT_TRUNCATED	3	/* queue 0: IP header cut short or bad */
+#define WG_CNT_FIB_ERROR	4	/* queue 0: bpf_fib_lookup returned -errno */
+#define WG_CNT_NO_QUEUE		5	/* queue 0: the peer's slot >= config.queues */
+/* queue 0: bpf_fib_lookup returned WG_FIB_RET_x (x = 1..15), counted at
+ * WG_CNT_FIB_RET_BASE + x. Only the codes nexthop.c treats as "no next hop"
+ * are counted here; see its comment for each code. */
+#define WG_CNT_FIB_RET_BASE	8
+/* Events, counted in addition to the packet's verdict reason: */
+#define WG_CNT_FIB_OTHER_DEV	24	/* the flow's route left by another device: looked up
+					 * again pinned to this one */
+#define WG_CNT_FIB_DEST_FALLBACK 25	/* even that named another device: key = destination */
+#define WG_CNT_MAX		32
+
+/* ---- bpf_fib_lookup (kernel 6.10+ UAPI layout, our own names) ------------
+ * bcc compiles against Debian's 6.1 headers, which lack the `mark` field and
+ * BPF_FIB_LOOKUP_MARK. This is include/uapi/linux/bpf.h's struct
+ * bpf_fib_lookup as of 6.10 (the `mark` union after `tbid`), under a name
+ * that cannot clash with whichever header bcc found. 64 bytes; the tests
+ * check the offsets against the kernel's field positions. */
+struct wg_fib_lookup {
+	__u8 family;			/* in: AF_INET/AF_INET6; out: family of the next hop */
+	__u8 l4_protocol;
+	__be16 sport;
+	__be16 dport;
+	union {
+		__u16 tot_len;		/* in: 0 = check the skb against the result's MTU */
+		__u16 mtu_result;	/* out */
+	} __attribute__((packed, aligned(2)));
+	__u32 ifindex;			/* in: device of the lookup; out: device of the route */
+	union {
+		__u8 tos;		/* in, AF_INET */
+		__be32 flowinfo;	/* in, AF_INET6: flow label + traffic class */
+		__u32 rt_metric;	/* out */
+	};
+	union {
+		__be32 ipv4_src;
+		__u32 ipv6_src[4];
+	};
+	union {				/* in: destination; out: gateway, if the route has one */
+		__be32 ipv4_dst;
+		__u32 ipv6_dst[4];
+	};
+	union {
+		struct {
+			__be16 h_vlan_proto;
+			__be16 h_vlan_TCI;
+		};
+		__u32 tbid;
+	};
+	union {
+		struct {
+			__u32 mark;	/* in, with WG_FIB_LOOKUP_MARK (6.10+) */
+			__u32 mark_pad[2];
+		};
+		struct {
+			__u8 smac[6];	/* out */
+			__u8 dmac[6];
+		};
+	};
+};
+
+/* Lookup flags (UAPI values; MARK is 6.10+, SKIP_NEIGH 6.3+ upstream). */
+#define WG_FIB_LOOKUP_DIRECT		(1U << 0)
+#define WG_FIB_LOOKUP_OUTPUT		(1U << 1)
+#define WG_FIB_LOOKUP_SKIP_NEIGH	(1U << 2)
+#define WG_FIB_LOOKUP_TBID		(1U << 3)
+#define WG_FIB_LOOKUP_SRC		(1U << 4)
+#define WG_FIB_LOOKUP_MARK		(1U << 5)
+
+/* Return codes (UAPI enum values). */
+#define WG_FIB_RET_SUCCESS		0
+#define WG_FIB_RET_BLACKHOLE		1
+#define WG_FIB_RET_UNREACHABLE		2
+#define WG_FIB_RET_PROHIBIT		3
+#define WG_FIB_RET_NOT_FWDED		4
+#define WG_FIB_RET_FWD_DISABLED		5
+#define WG_FIB_RET_UNSUPP_LWT		6
+#define WG_FIB_RET_NO_NEIGH		7
+#define WG_FIB_RET_FRAG_NEEDED		8
+#define WG_FIB_RET_NO_SRC_ADDR		9
+
+/* ---- Receive steering (reuseport.c) --------------------------------------
+ * WireGuard message header: a little-endian __u32 whose low byte is the
+ * type and the rest zero; a data message carries the receiver index next.
+ * Position 0 of each reuseport group is the control plane's socket. */
+#define WG_MESSAGE_DATA			4
+#define WG_MESSAGE_DATA_MIN_LEN		32	/* header 16 + Poly1305 tag 16 */
+#define WG_SOCKET_CONTROL		0
+
+#endif /* WGEBPF_COMMON_H */

@@ -1,0 +1,318 @@
+/* nexthop.c: pick the peer for every packet leaving the wgebpf TUN device.
+ *
+ * SCHED_CLS, direct action, on the TUN device's clsact egress hook. The
+ * kernel has already routed the packet into the device; this program asks
+ * the FIB again, with what the kernel used (addresses, L4 ports, protocol,
+ * tos/flow label, the device, and the packet's mark for fwmark rules), which
+ * next hop that route names: its gateway, or the destination itself when it
+ * has none. The peer is the longest-prefix match of that next hop in the
+ * peers' allowed-ips (wg_peers4 / wg_peers6). In allowedips mode
+ * (WG_CFG_ALLOWEDIPS) the destination is the key and the FIB is not asked:
+ * classic WireGuard.
+ *
+ * The verdict is a TUN queue number, left in skb->queue_mapping for
+ * tun_steer.c, which runs right after this program in the same
+ * __dev_queue_xmit() call (tc egress first, then the device's queue
+ * selection). skb->cb cannot carry it: tun runs the steering program with
+ * bpf_prog_run_clear_cb(), which zeroes cb. skb->mark must not: the user
+ * routes by it.
+ *   queue_mapping = slot  a peer owns the key (slot 1..255)
+ *   queue_mapping = 0     no peer: the control plane gets the packet and
+ *                         answers with ICMP unreachable
+ * Every packet is counted under one reason in wg_counters (common.h).
+ * ECMP: the lookup hashes the flow (addresses, ports, protocol, as
+ * net.ipv4.fib_multipath_hash_policy says), so a flow keeps its peer and
+ * flows spread over the paths; the path is not always the one the kernel's
+ * own lookup took for the packet (that lookup may hash other inputs, e.g. a
+ * source address of 0 before one was chosen), but it is always one of the
+ * route's paths.
+ *
+ * Return value: always TC_ACT_OK. Nothing is dropped here; queue 0 is where
+ * the unwanted ones go, so the control plane can tell the sender.
+ *
+ * Rule selectors the lookup honours: from, to, tos/dsfield, fwmark (6.10+),
+ * ipproto, sport, dport. Not honoured: uidrange (the lookup has no socket),
+ * iif (the lookup runs as if the packet came in through this device),
+ * oif and l3mdev/VRF of the sending socket. Rules keyed on those may choose
+ * differently from the kernel's own route.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "common.h"
+
+#define WG_AF_INET	2
+#define WG_AF_INET6	10
+
+BPF_TABLE("array", u32, struct wg_config, wg_config, 1);
+BPF_F_TABLE("lpm_trie", struct wg_lpm_key4, u32, wg_peers4, WG_PEERS4_MAX, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("lpm_trie", struct wg_lpm_key6, u32, wg_peers6, WG_PEERS6_MAX, BPF_F_NO_PREALLOC);
+BPF_TABLE("percpu_array", u32, u64, wg_counters, WG_CNT_MAX);
+BPF_TABLE("lru_percpu_hash", struct wg_nexthop_key, struct wg_nexthop_stats, wg_nexthops,
+       WG_NEXTHOPS_MAX);
+
+static __always_inline void count(u32 index)
+{
+	u64 *n = wg_counters.lookup(&index);
+
+	/* Per-CPU slot, and tc programs do not nest on one CPU: no atomics. */
+	if (n)
+		*n += 1;
+}
+
+static __always_inline int verdict(struct __sk_buff *skb, u32 queue, u32 reason)
+{
+	skb->queue_mapping = queue;
+	count(reason);
+	return TC_ACT_OK;
+}
+
+static __always_inline int has_ports(u8 proto)
+{
+	/* Protocols whose header starts with source and destination port, as
+	 * the kernel's flow keys read them for multipath hashing. */
+	return proto == IPPROTO_TCP || proto == IPPROTO_UDP ||
+	       proto == IPPROTO_UDPLITE || proto == IPPROTO_SCTP;
+}
+
+/* Make `len` bytes from the network header readable; the TUN device has no
+ * link-layer header, so skb->data is the IP header. Returns data or NULL. */
+static __always_inline void *header(struct __sk_buff *skb, u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	if (data + len <= end)
+		return data;
+	/* Rare: headers not in the linear part. Pulling moves the data. */
+	if (skb->len < len || bpf_skb_pull_data(skb, len) < 0)
+		return NULL;
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	return data + len <= end ? data : NULL;
+}
+
+/* Fill the lookup from an IPv4 header. Returns 0 or a counter index. */
+static __always_inline int parse4(struct __sk_buff *skb, struct wg_fib_lookup *fib)
+{
+	struct iphdr *ip = header(skb, sizeof(*ip));
+	u32 ihl;
+
+	if (!ip || ip->version != 4 || ip->ihl < 5)
+		return WG_CNT_TRUNCATED;
+	ihl = ip->ihl * 4;
+	fib->family = WG_AF_INET;
+	fib->tos = ip->tos;
+	fib->l4_protocol = ip->protocol;
+	fib->ipv4_src = ip->saddr;
+	fib->ipv4_dst = ip->daddr;
+	/* Fragments carry no ports (or only the first does): leave them 0 so
+	 * every fragment of a datagram takes the same ECMP path. */
+	if (has_ports(ip->protocol) && !(ip->frag_off & bpf_htons(0x3fff))) {
+		__be16 *ports = header(skb, ihl + 4);
+
+		if (!ports)
+			return WG_CNT_TRUNCATED;
+		ports = (void *)ports + ihl;
+		/* header() may have pulled: re-check against the new end */
+		if ((void *)(ports + 2) > (void *)(long)skb->data_end)
+			return WG_CNT_TRUNCATED;
+		fib->sport = ports[0];
+		fib->dport = ports[1];
+	}
+	return 0;
+}
+
+/* Fill the lookup from an IPv6 header. Extension headers are not walked:
+ * ports are read only when the L4 header follows the fixed header. */
+static __always_inline int parse6(struct __sk_buff *skb, struct wg_fib_lookup *fib)
+{
+	struct ipv6hdr *ip6 = header(skb, sizeof(*ip6));
+
+	if (!ip6 || ip6->version != 6)
+		return WG_CNT_TRUNCATED;
+	fib->family = WG_AF_INET6;
+	/* The first word minus the version: traffic class and flow label,
+	 * which the kernel masks itself (IPV6_FLOWINFO_MASK). */
+	fib->flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0fffffff);
+	fib->l4_protocol = ip6->nexthdr;
+	__builtin_memcpy(fib->ipv6_src, &ip6->saddr, 16);
+	__builtin_memcpy(fib->ipv6_dst, &ip6->daddr, 16);
+	if (has_ports(ip6->nexthdr)) {
+		__be16 *ports = header(skb, sizeof(*ip6) + 4);
+
+		if (!ports)
+			return WG_CNT_TRUNCATED;
+		ports = (void *)ports + sizeof(*ip6);
+		if ((void *)(ports + 2) > (void *)(long)skb->data_end)
+			return WG_CNT_TRUNCATED;
+		fib->sport = ports[0];
+		fib->dport = ports[1];
+	}
+	return 0;
+}
+
+/* The address the lookup left in `fib` (destination in, gateway out). */
+static __always_inline void key_from_fib(struct wg_nexthop_key *key, struct wg_fib_lookup *fib)
+{
+	key->family = fib->family;
+	if (fib->family == WG_AF_INET)
+		__builtin_memcpy(key->addr, &fib->ipv4_dst, 4);
+	else
+		__builtin_memcpy(key->addr, fib->ipv6_dst, 16);
+}
+
+/* One bpf_fib_lookup(). Returns 0 when `fib` now names a next hop, or the
+ * counter index of the reason there is none. Each result:
+ *   SUCCESS       ipv4_dst/ipv6_dst hold the gateway, or still the
+ *                 destination for an on-link route: that is the key.
+ *   NO_NEIGH      only without SKIP_NEIGH (kernels before it existed): the
+ *                 next hop is filled in before the neighbour lookup that
+ *                 failed, and a TUN has no neighbours anyway: use it.
+ *   FRAG_NEEDED   with tot_len 0 the kernel checks the skb against the
+ *                 result device's MTU after filling in the next hop; the
+ *                 packet is already on its way through this device (GSO
+ *                 sizes are fine): use it.
+ *   BLACKHOLE, UNREACHABLE, PROHIBIT
+ *                 the route says "do not deliver": no peer (queue 0).
+ *   NOT_FWDED     no route, or a local/broadcast/multicast/anycast one
+ *                 (e.g. IPv6 neighbour discovery, MLD): no peer.
+ *   FWD_DISABLED  forwarding is off on this device
+ *                 (net.ipv4.conf.DEV.forwarding / net.ipv6.conf.DEV.forwarding);
+ *                 the runtime must turn it on. No peer, counted so it shows.
+ *   UNSUPP_LWT    the route has a lightweight-tunnel encap: no next hop we
+ *                 can name. No peer.
+ *   NO_SRC_ADDR   only with WG_FIB_LOOKUP_SRC, which we do not pass. No peer.
+ *   < 0           helper error (-EINVAL: a flag the kernel does not know).
+ *                 No peer, counted as WG_CNT_FIB_ERROR.
+ */
+static __always_inline int ask_fib(struct __sk_buff *skb, struct wg_fib_lookup *fib,
+				      u32 flags)
+{
+	long rc = bpf_fib_lookup(skb, fib, sizeof(*fib), flags);
+
+	if (rc < 0 || rc > 15)
+		return WG_CNT_FIB_ERROR;
+	if (rc == WG_FIB_RET_SUCCESS || rc == WG_FIB_RET_NO_NEIGH ||
+	    rc == WG_FIB_RET_FRAG_NEEDED)
+		return 0;
+	return WG_CNT_FIB_RET_BASE + rc;
+}
+
+/* Ask the FIB for the next hop; on success overwrite `key` with it.
+ * Returns 0 or the counter index of the reason there is no next hop.
+ *
+ * The first lookup is made as if the packet had come in through this
+ * device (no WG_FIB_LOOKUP_OUTPUT), because only a lookup without an output
+ * device picks an ECMP path by the flow hash (fib_select_path and
+ * fib6_select_path take the first path on the output device otherwise).
+ * It can answer with a route through another device: an ECMP route that
+ * mixes devices, or a socket bound to this device sending where the routes
+ * say elsewhere. Then a second lookup pinned to this device (OUTPUT,
+ * ifindex = this device) names the next hop behind it; counted as
+ * WG_CNT_FIB_OTHER_DEV. If even that answer is another device (IPv6 only
+ * prefers the output device), the destination is the key, as in allowedips
+ * mode, counted as WG_CNT_FIB_DEST_FALLBACK.
+ */
+static __always_inline int fib_nexthop(struct __sk_buff *skb, struct wg_fib_lookup *fib,
+				       struct wg_nexthop_key *key, u32 fib_flags)
+{
+	struct wg_fib_lookup in;
+	int reason;
+
+	fib->ifindex = skb->ifindex;
+	fib->mark = skb->mark;
+	__builtin_memcpy(&in, fib, sizeof(in));
+	reason = ask_fib(skb, fib, fib_flags & ~WG_FIB_LOOKUP_OUTPUT);
+	if (!reason && fib->ifindex != skb->ifindex) {
+		count(WG_CNT_FIB_OTHER_DEV);
+		__builtin_memcpy(fib, &in, sizeof(in));
+		reason = ask_fib(skb, fib, fib_flags | WG_FIB_LOOKUP_OUTPUT);
+		if (!reason && fib->ifindex != skb->ifindex) {
+			count(WG_CNT_FIB_DEST_FALLBACK);
+			return 0;	/* key still holds the destination */
+		}
+	}
+	if (reason)
+		return reason;
+	__builtin_memset(key->addr, 0, sizeof(key->addr));
+	key_from_fib(key, fib);
+	return 0;
+}
+
+static __always_inline void count_nexthop(struct wg_nexthop_key *key, u32 len)
+{
+	struct wg_nexthop_stats *st = wg_nexthops.lookup(key);
+	struct wg_nexthop_stats first = { .packets = 1, .bytes = len };
+
+	if (!st) {
+		/* NOEXIST: if another CPU inserted it meanwhile, add to that. */
+		if (wg_nexthops.insert(key, &first) == 0)
+			return;
+		st = wg_nexthops.lookup(key);
+		if (!st)
+			return;
+	}
+	st->packets += 1;
+	st->bytes += len;
+}
+
+/* Longest-prefix match of the key in the family's trie: the slot, or 0. */
+static __always_inline u32 peer_of(struct wg_nexthop_key *key)
+{
+	u32 *slot;
+
+	if (key->family == WG_AF_INET) {
+		struct wg_lpm_key4 k4 = { .prefixlen = 32 };
+
+		__builtin_memcpy(k4.addr, key->addr, 4);
+		slot = wg_peers4.lookup(&k4);
+	} else {
+		struct wg_lpm_key6 k6 = { .prefixlen = 128 };
+
+		__builtin_memcpy(k6.addr, key->addr, 16);
+		slot = wg_peers6.lookup(&k6);
+	}
+	return slot ? *slot : 0;
+}
+
+int wg_nexthop(struct __sk_buff *skb)
+{
+	struct wg_fib_lookup fib = {};
+	struct wg_nexthop_key key = {};
+	struct wg_config *cfg;
+	u32 zero = 0, slot;
+	int reason;
+
+	cfg = wg_config.lookup(&zero);
+	if (!cfg)	/* cannot happen: an array always has its element */
+		return verdict(skb, WG_QUEUE_CONTROL, WG_CNT_NO_PEER);
+
+	if (skb->protocol == bpf_htons(ETH_P_IP))
+		reason = parse4(skb, &fib);
+	else if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		reason = parse6(skb, &fib);
+	else
+		reason = WG_CNT_NOT_IP;
+	if (reason)
+		return verdict(skb, WG_QUEUE_CONTROL, reason);
+
+	key_from_fib(&key, &fib);	/* the destination */
+	if (!(cfg->flags & WG_CFG_ALLOWEDIPS)) {
+		reason = fib_nexthop(skb, &fib, &key, cfg->fib_flags);
+		if (reason)
+			return verdict(skb, WG_QUEUE_CONTROL, reason);
+		count_nexthop(&key, skb->len);
+	}
+
+	slot = peer_of(&key);
+	if (!slot)
+		return verdict(skb, WG_QUEUE_CONTROL, WG_CNT_NO_PEER);
+	if (slot >= cfg->queues)
+		return verdict(skb, WG_QUEUE_CONTROL, WG_CNT_NO_QUEUE);
+	return verdict(skb, slot, WG_CNT_PEER);
+}

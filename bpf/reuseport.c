@@ -1,0 +1,49 @@
+/* reuseport.c: send each incoming WireGuard data message to the socket of
+ * the worker that owns its receiver index.
+ *
+ * SOCKET_FILTER, attached with SO_ATTACH_REUSEPORT_EBPF to a UDP
+ * SO_REUSEPORT group (one for IPv4, one for IPv6; the same program serves
+ * both). The kernel runs it for each datagram with skb->data at the UDP
+ * payload, i.e. the WireGuard message.
+ *
+ * Return value: the position (join order) of the socket in the group.
+ *   wg_rxindex[receiver index]   a data message (type 4) whose receiver
+ *                                index a worker owns: that worker's socket
+ *   WG_SOCKET_CONTROL (0)        everything else: handshake initiations and
+ *                                responses, cookie replies, unknown indexes,
+ *                                short or malformed messages. The control
+ *                                plane owns socket 0 and deals with them.
+ * A position the group does not have makes the kernel fall back to its
+ * hash; the loader only stores positions of sockets that exist.
+ */
+#include "common.h"
+
+BPF_HASH(wg_rxindex, u32, u32, WG_RXINDEX_MAX);
+
+/* WireGuard's fields are little-endian on the wire; BPF loads are in the
+ * host's order. */
+static __always_inline u32 le32(u32 v)
+{
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+	return __builtin_bswap32(v);
+#else
+	return v;
+#endif
+}
+
+int wg_reuseport(struct __sk_buff *skb)
+{
+	u32 head[2];	/* type + 3 reserved zero bytes, receiver index */
+	u32 index, *position;
+
+	if (skb->len < WG_MESSAGE_DATA_MIN_LEN)
+		return WG_SOCKET_CONTROL;
+	if (bpf_skb_load_bytes(skb, 0, head, sizeof(head)) < 0)
+		return WG_SOCKET_CONTROL;
+	/* The whole first word, so nonzero reserved bytes are not data. */
+	if (le32(head[0]) != WG_MESSAGE_DATA)
+		return WG_SOCKET_CONTROL;
+	index = le32(head[1]);
+	position = wg_rxindex.lookup(&index);
+	return position ? *position : WG_SOCKET_CONTROL;
+}

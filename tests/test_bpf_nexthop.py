@@ -1,0 +1,466 @@
+"""The next-hop classifier and TUN steering programs, in the real kernel.
+
+Topology (one namespace per test, the test's thread inside it):
+
+    UDP sockets of the test
+          |  kernel routing: routes/rules the test adds
+          v
+    TUN wgt...  198.51.100.1/24  2001:db8:100::1/64  fe80::1/64
+      clsact egress: wg_nexthop (FIB next hop -> allowed-ips -> slot)
+      steering:      wg_tun_steer (queue = slot)
+      queue 0: control plane   queue 1: peer .2   queue 2: peer .3   queue 3: peer .4
+
+Peer slot s owns 198.51.100.(s+1)/32 and 2001:db8:100::(s+1)/128 (its
+tunnel addresses) unless a case says otherwise. Each case sends UDP packets
+with a unique payload and reads which TUN queue they came out of.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import re
+import secrets
+import select
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from wgebpf import bpfmaps, state
+from wgebpf.nexthop import NextHopClassifier
+from wgebpf.tun import Tun
+from wgebpf.tun_steer import TunSteering
+
+pytestmark = pytest.mark.netns
+
+QUEUES = 4
+PEER_ADDRS = {1: ("198.51.100.2", "2001:db8:100::2"),
+              2: ("198.51.100.3", "2001:db8:100::3"),
+              3: ("198.51.100.4", "2001:db8:100::4")}
+SLOT_OF = {a: s for s, addrs in PEER_ADDRS.items() for a in addrs}
+SO_MARK = 36
+
+# -- namespace plumbing ----------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@contextmanager
+def _inside(ns: str):
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+        os.close(target)
+
+
+def sh(cmd: str) -> str:
+    return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def netns(root):
+    """Function scope; needs root. A fresh namespace the test's thread is in
+    (lo up), always deleted afterwards."""
+    name = f"wgebpf-bpf-{os.getpid()}-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        with _inside(name):
+            sh("ip link set lo up")
+            assert sh("ip -o link show").count("\n") == 1, "not in a fresh namespace"
+            yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+class Datapath:
+    """TUN + classifier + steering, peers 1..3 on their tunnel addresses."""
+
+    def __init__(self):
+        self.name = f"wgt{secrets.token_hex(4)}"
+        self.tun = Tun.create(self.name, QUEUES)
+        self.classifier = self.steering = None
+        try:
+            dev = self.name
+            sh(f"ip link set {dev} up"
+               f" && ip addr add 198.51.100.1/24 dev {dev}"
+               f" && ip addr add 2001:db8:100::1/64 dev {dev} nodad"
+               f" && ip addr add fe80::1/64 dev {dev} nodad"
+               # bpf_fib_lookup refuses (FWD_DISABLED) without forwarding on the device
+               f" && sysctl -qw net.ipv4.conf.{dev}.forwarding=1"
+               f" && sysctl -qw net.ipv6.conf.{dev}.forwarding=1")
+            self.classifier = NextHopClassifier(dev, queues=QUEUES)
+            self.classifier.attach()
+            self.steering = TunSteering(self.tun, self.classifier)
+            self.steering.attach()
+            for slot, addrs in PEER_ADDRS.items():
+                self.classifier.set_peer(slot, [f"{addrs[0]}/32", f"{addrs[1]}/128"])
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for part in (self.steering, self.classifier):
+            if part is not None:
+                part.close()
+        self.tun.close()
+
+    def send(self, dst: str, *, sport: int = 0, mark: int = 0, bind_dev: str = "",
+             payload: bytes | None = None) -> bytes:
+        """One UDP datagram to dst:9; returns its (unique) payload."""
+        payload = payload or b"wgebpf-" + secrets.token_hex(8).encode()
+        family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            if mark:
+                s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            if bind_dev:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, bind_dev.encode())
+            if sport:
+                s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", sport))
+            s.sendto(payload, (dst, 9))
+        return payload
+
+    def queue_of(self, payload: bytes, timeout: float = 2.0) -> int:
+        """The TUN queue the packet carrying `payload` came out of."""
+        poller = select.poll()
+        for fd in self.tun.fds:
+            poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            for fd, _ in poller.poll(left * 1000):
+                q = self.tun.fds.index(fd)
+                while (packet := self.tun.read(q)) is not None:
+                    if packet.endswith(payload):
+                        return q
+        raise AssertionError(f"packet {payload!r} did not come out of any queue")
+
+    def route(self, dst: str, **kw) -> int:
+        """Send one datagram to dst and return its queue."""
+        return self.queue_of(self.send(dst, **kw))
+
+    def drain(self) -> int:
+        n = 0
+        for q in range(len(self.tun.fds)):
+            while self.tun.read(q) is not None:
+                n += 1
+        return n
+
+
+@pytest.fixture
+def dp(netns):
+    """Function scope; needs `netns`. The Datapath of the module docstring."""
+    d = Datapath()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+# -- routing decisions -------------------------------------------------------
+
+
+def test_route_via_a_peer_and_replace_moves_it(dp):
+    sh(f"ip route add 203.0.113.0/24 via 198.51.100.3 dev {dp.name}")
+    assert dp.route("203.0.113.9") == SLOT_OF["198.51.100.3"]
+    sh(f"ip route replace 203.0.113.0/24 via 198.51.100.4 dev {dp.name}")
+    assert dp.route("203.0.113.9") == SLOT_OF["198.51.100.4"]
+    nh = dp.classifier.nexthop_counters()
+    assert nh[ipaddress.ip_address("198.51.100.3")].packets >= 1
+    assert nh[ipaddress.ip_address("198.51.100.4")].packets >= 1
+
+
+@pytest.mark.parametrize("dst", ["198.51.100.2", "198.51.100.4", "2001:db8:100::3"])
+def test_on_link_destination_goes_to_its_own_peer(dp, dst):
+    assert dp.route(dst) == SLOT_OF[dst]
+
+
+def test_ecmp_spreads_flows_over_both_peers(dp):
+    # Hash on L4 ports too (policy 1; the default 0 hashes addresses only).
+    sh("sysctl -qw net.ipv4.fib_multipath_hash_policy=1")
+    sh(f"ip route add 203.0.113.0/24 nexthop via 198.51.100.2 dev {dp.name}"
+       f" nexthop via 198.51.100.3 dev {dp.name}")
+    ports = range(40000, 40064)
+    first = {p: dp.route("203.0.113.9", sport=p) for p in ports}
+    assert set(first.values()) == {1, 2}
+    # The same flow keeps its peer.
+    again = {p: dp.route("203.0.113.9", sport=p) for p in list(ports)[:16]}
+    assert again == {p: first[p] for p in again}
+
+
+def test_fwmark_rule_picks_another_peer(dp):
+    sh(f"ip route add 203.0.113.0/24 via 198.51.100.3 dev {dp.name}"
+       f" && ip route add 203.0.113.0/24 via 198.51.100.4 dev {dp.name} table 100"
+       f" && ip rule add fwmark 7 table 100")
+    assert dp.route("203.0.113.9") == SLOT_OF["198.51.100.3"]
+    assert dp.route("203.0.113.9", mark=7) == SLOT_OF["198.51.100.4"]
+    assert dp.route("203.0.113.9", mark=8) == SLOT_OF["198.51.100.3"]
+
+
+def test_ipv6_link_local_next_hop(dp):
+    dp.classifier.set_peer(2, ["198.51.100.3/32", "2001:db8:100::3/128", "fe80::3/128"])
+    sh(f"ip -6 route add 2001:db8:300::/64 via fe80::3 dev {dp.name}")
+    assert dp.route("2001:db8:300::9") == 2
+    assert dp.classifier.nexthop_counters()[ipaddress.ip_address("fe80::3")].packets >= 1
+
+
+def test_ipv4_route_via_ipv6_link_local_gateway(dp):
+    # RFC 5549 style: the lookup answers with an IPv6 next hop for IPv4.
+    dp.classifier.set_peer(3, ["198.51.100.4/32", "2001:db8:100::4/128", "fe80::4/128"])
+    sh(f"ip route add 203.0.113.0/24 via inet6 fe80::4 dev {dp.name}")
+    assert dp.route("203.0.113.9") == 3
+
+
+def test_next_hop_no_peer_owns_goes_to_queue_0_and_is_counted(dp):
+    sh(f"ip route add 203.0.113.0/24 via 198.51.100.77 dev {dp.name}")
+    before = dp.classifier.counters()
+    assert dp.route("203.0.113.9") == bpfmaps.QUEUE_CONTROL
+    after = dp.classifier.counters()
+    assert after["no_peer"] - before["no_peer"] >= 1
+    assert after["peer"] == before["peer"]
+    assert dp.classifier.nexthop_counters()[ipaddress.ip_address("198.51.100.77")].packets >= 1
+
+
+def test_route_through_another_device_is_looked_up_again_on_ours(dp):
+    """A socket bound to the TUN sends where a more specific route leaves by
+    another device (a veth here). The kernel keeps to the TUN's own route;
+    the classifier's flow-hashed lookup sees the other route first, so it
+    asks again pinned to the TUN (IPv4: exactly the kernel's answer). IPv6's
+    pinned lookup only prefers the device, so there the destination decides."""
+    other = f"wgv{secrets.token_hex(4)}"
+    sh(f"ip link add {other} type veth peer name {other}p"
+       f" && ip link set {other} up && ip link set {other}p up"
+       f" && ip addr add 192.0.2.1/24 dev {other}"
+       f" && ip addr add 2001:db8:1::1/64 dev {other} nodad"
+       f" && ip route add 203.0.113.0/24 via 198.51.100.3 dev {dp.name}"
+       f" && ip route add 203.0.113.0/25 via 192.0.2.2 dev {other}"
+       f" && ip -6 route add 2001:db8:300::/48 via fe80::3 dev {dp.name}"
+       f" && ip -6 route add 2001:db8:300::/64 via 2001:db8:1::2 dev {other}")
+    dp.classifier.set_peer(2, ["198.51.100.3/32", "fe80::3/128"])
+    dp.classifier.set_peer(3, ["198.51.100.4/32", "2001:db8:300::/64"])
+    before = dp.classifier.counters()
+    assert dp.route("203.0.113.9", bind_dev=dp.name) == 2
+    mid = dp.classifier.counters()
+    assert mid["fib_other_device"] == before["fib_other_device"] + 1
+    assert mid["fib_destination_fallback"] == before["fib_destination_fallback"]
+    assert dp.route("2001:db8:300::9", bind_dev=dp.name) == 3
+    after = dp.classifier.counters()
+    assert after["fib_other_device"] == mid["fib_other_device"] + 1
+    assert after["fib_destination_fallback"] == mid["fib_destination_fallback"] + 1
+
+
+def test_allowedips_mode_lets_the_destination_decide(dp):
+    sh(f"ip route add 203.0.113.0/24 via 198.51.100.3 dev {dp.name}")
+    dp.classifier.set_peer(1, ["198.51.100.2/32", "2001:db8:100::2/128", "203.0.113.0/24"])
+    assert dp.route("203.0.113.9") == 2            # nexthop mode: the gateway's peer
+    dp.classifier.set_mode("allowedips")
+    assert dp.route("203.0.113.9") == 1            # classic: the destination's peer
+    assert dp.route("198.51.100.4") == 3
+    assert dp.route("198.51.100.99") == 0
+
+
+def test_peer_changes_follow_immediately(dp):
+    sh(f"ip route add 203.0.113.0/24 via 198.51.100.3 dev {dp.name}")
+    assert dp.route("203.0.113.9") == 2
+    dp.classifier.set_peer(3, ["198.51.100.4/32", "198.51.100.3/32"])   # .3 moves to peer 3
+    assert dp.route("203.0.113.9") == 3
+    assert dp.classifier.peers()[2] == {ipaddress.ip_network("2001:db8:100::3/128")}
+    dp.classifier.remove_peer(3)
+    assert dp.route("203.0.113.9") == 0
+
+
+def test_slot_without_a_queue_goes_to_queue_0(dp):
+    dp.classifier.set_queue_count(3)    # queue 3 "does not exist": no wrap onto queue 0..2
+    before = dp.classifier.counters()["no_queue"]
+    assert dp.route("198.51.100.4") == 0
+    assert dp.classifier.counters()["no_queue"] == before + 1
+    assert dp.route("198.51.100.3") == 2
+
+
+def test_forwarding_off_is_counted(dp):
+    sh(f"sysctl -qw net.ipv4.conf.{dp.name}.forwarding=0")
+    before = dp.classifier.counters()["fib_forwarding_disabled"]
+    assert dp.route("198.51.100.2") == 0
+    assert dp.classifier.counters()["fib_forwarding_disabled"] == before + 1
+
+
+@pytest.mark.parametrize("protocol, head, reason", [
+    (0x88B5, b"\x00" * 30, "not_ip"),          # IEEE local experimental ethertype
+    (0x0800, b"\x45\x00\x00", "truncated"),    # IPv4 header cut short
+    (0x86DD, b"\x60\x00\x00", "truncated"),    # IPv6 header cut short
+])
+def test_non_ip_and_truncated_frames(dp, protocol, head, reason):
+    """Frames sent on the device with a packet socket still pass tc egress."""
+    frame = head + secrets.token_bytes(8)
+    before = dp.classifier.counters()[reason]
+    with socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(protocol)) as s:
+        s.sendto(frame, (dp.name, protocol))
+    assert dp.queue_of(frame) == 0
+    assert dp.classifier.counters()[reason] == before + 1
+
+
+def test_detach_removes_the_filter(dp):
+    assert "wg_nexthop" in sh(f"tc filter show dev {dp.name} egress")
+    dp.classifier.detach()
+    assert sh(f"tc qdisc show dev {dp.name}").find("clsact") < 0
+    dp.classifier.detach()      # idempotent
+
+
+def test_beside_a_clsact_it_did_not_add(netns):
+    """Detach (ours, and the runtime-state file's step) removes our filter only."""
+    name = f"wgt{secrets.token_hex(4)}"
+    with Tun.create(name, 2):
+        sh(f"ip link set {name} up && tc qdisc add dev {name} clsact")
+        with NextHopClassifier(name, queues=2) as classifier:
+            rec = classifier.attach()
+            assert rec["clsact"] is False and rec["prog_id"] == classifier.prog_id
+            assert (rec["parent"], rec["prio"], rec["handle"]) == ("ffff:fff3", 1, 1)
+            classifier.detach()
+            assert "wg_nexthop" not in sh(f"tc filter show dev {name} egress")
+            rec = classifier.attach()
+            assert "wg_nexthop" in sh(f"tc filter show dev {name} egress")
+            assert state._remove_tc(rec)[0].startswith("removed tc filter")
+            assert "wg_nexthop" not in sh(f"tc filter show dev {name} egress")
+        assert "clsact" in sh(f"tc qdisc show dev {name}")
+
+
+# -- cost -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["nexthop", "allowedips"])
+def test_cost_per_packet(dp, mode):
+    """run_time_ns / run_cnt of both programs over some thousands of packets
+    (pytest -s shows the figures)."""
+    sh(f"ip route add 203.0.113.0/24 via 198.51.100.3 dev {dp.name}")
+    dp.classifier.set_peer(2, ["198.51.100.3/32", "203.0.113.0/24"])
+    dp.classifier.set_mode(mode)
+    n = 5000
+    with bpfmaps.enable_stats():
+        c0, s0 = (bpfmaps.prog_info(dp.classifier.prog_fd), bpfmaps.prog_info(dp.steering.prog_fd))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for i in range(n):
+                s.sendto(b"x" * 64, ("203.0.113.9", 9))
+                if i % 256 == 255:
+                    dp.drain()
+        c1, s1 = (bpfmaps.prog_info(dp.classifier.prog_fd), bpfmaps.prog_info(dp.steering.prog_fd))
+    dp.drain()
+    for name, a, b in (("classifier", c0, c1), ("steering", s0, s1)):
+        runs = b.run_cnt - a.run_cnt
+        assert runs >= n
+        print(f"{mode} {name}: {runs} runs, {(b.run_time_ns - a.run_time_ns) / runs:.0f} ns per packet")
+
+
+# -- header agreement -------------------------------------------------------
+
+
+def _c_defines() -> dict[str, str]:
+    """#define WG_NAME value lines of common.h (value text, comments stripped)."""
+    out = {}
+    with open(bpfmaps.COMMON_H) as f:
+        for line in f:
+            m = re.match(r"#define\s+WG_(\w+)\s+(.+?)\s*(/\*.*)?$", line)
+            if m:
+                out[m.group(1)] = m.group(2)
+    return out
+
+
+def test_common_h_and_bpfmaps_agree(root):
+    """Every constant, struct size and field offset of common.h equals the
+    Python mirror, as the C compiler (bcc's clang) computes them."""
+    from bcc import BPF
+
+    defines = _c_defines()
+    numbers = {k: v for k, v in defines.items() if not v.startswith('"')}
+    strings = {k: v.strip('"') for k, v in defines.items() if v.startswith('"')}
+    probes: list[tuple[str, str]] = []    # (what, C constant expression)
+    for name in numbers:
+        probes.append((f"const {name}", f"WG_{name}"))
+    for cname, cls in bpfmaps.STRUCTS.items():
+        probes.append((f"sizeof {cname}", f"sizeof(struct {cname})"))
+        for field, _ in cls._fields_:
+            probes.append((f"offsetof {cname}.{field}", f"offsetof(struct {cname}, {field})"))
+    fib_fields = ["family", "l4_protocol", "sport", "dport", "tot_len", "ifindex", "tos",
+                  "flowinfo", "ipv4_src", "ipv6_src", "ipv4_dst", "ipv6_dst", "h_vlan_proto",
+                  "smac", "dmac"]
+    probes.append(("sizeof fib", "sizeof(struct wg_fib_lookup)"))
+    probes.append(("offsetof fib.mark", "offsetof(struct wg_fib_lookup, mark)"))
+    probes.append(("offsetof fib.tbid", "offsetof(struct wg_fib_lookup, tbid)"))
+    for field in fib_fields:
+        probes.append((f"offsetof fib.{field}", f"offsetof(struct wg_fib_lookup, {field})"))
+        probes.append((f"uapi fib.{field}", f"offsetof(struct bpf_fib_lookup, {field})"))
+    # Each value becomes the max_entries (+1, 0 is not allowed) of an
+    # unallocated hash map, which bcc reads back: the compiler's number.
+    text = '#include <uapi/linux/bpf.h>\n#include "common.h"\n' + "".join(
+        f"BPF_F_TABLE(\"hash\", u32, u8, p{i}, ({expr}) + 1, BPF_F_NO_PREALLOC);\n"
+        for i, (_, expr) in enumerate(probes))
+    b = BPF(text=text.encode(), cflags=[f"-I{bpfmaps.BPF_DIR}"])
+    try:
+        c = {what: b[f"p{i}".encode()].max_entries - 1 for i, (what, _) in enumerate(probes)}
+    finally:
+        b.cleanup()
+
+    for name in numbers:
+        assert getattr(bpfmaps, name) == c[f"const {name}"], name
+    for name, value in strings.items():
+        assert getattr(bpfmaps, name) == value, name
+    for cname, cls in bpfmaps.STRUCTS.items():
+        assert ctypes.sizeof(cls) == c[f"sizeof {cname}"], cname
+        for field, _ in cls._fields_:
+            assert getattr(cls, field).offset == c[f"offsetof {cname}.{field}"], (cname, field)
+    # Our 6.10+ struct bpf_fib_lookup: 64 bytes, tbid at 48, mark at 52 (in a
+    # union with smac), every older field where the bpf.h bcc compiles
+    # against (its own copy of the UAPI header) has it.
+    assert c["sizeof fib"] == 64
+    assert c["offsetof fib.tbid"] == 48 and c["offsetof fib.mark"] == 52
+    for field in fib_fields:
+        assert c[f"offsetof fib.{field}"] == c[f"uapi fib.{field}"], field
+    # The counter names cover each index once, inside the array.
+    assert all(0 <= i < bpfmaps.CNT_MAX for i in bpfmaps.COUNTER_NAMES)
+    assert len(set(bpfmaps.COUNTER_NAMES.values())) == len(bpfmaps.COUNTER_NAMES)
+
+
+def test_maps_of_the_compiled_programs_have_the_mirrored_layouts(root):
+    b = bpfmaps.compile_programs("nexthop.c", "tun_steer.c", "reuseport.c")
+    try:
+        expect = {
+            bpfmaps.MAP_CONFIG: (ctypes.c_uint32, bpfmaps.Config, 1),
+            bpfmaps.MAP_PEERS4: (bpfmaps.LpmKey4, ctypes.c_uint32, bpfmaps.PEERS4_MAX),
+            bpfmaps.MAP_PEERS6: (bpfmaps.LpmKey6, ctypes.c_uint32, bpfmaps.PEERS6_MAX),
+            bpfmaps.MAP_COUNTERS: (ctypes.c_uint32, ctypes.c_uint64, bpfmaps.CNT_MAX),
+            bpfmaps.MAP_NEXTHOPS: (bpfmaps.NexthopKey, bpfmaps.NexthopStats,
+                                   bpfmaps.NEXTHOPS_MAX),
+            bpfmaps.MAP_RXINDEX: (ctypes.c_uint32, ctypes.c_uint32, bpfmaps.RXINDEX_MAX),
+        }
+        for name, (key, leaf, size) in expect.items():
+            table = b[name.encode()]
+            assert ctypes.sizeof(table.Key) == ctypes.sizeof(key), name
+            # per-CPU tables hand back one leaf per CPU; compare one
+            one = getattr(table, "sLeaf", table.Leaf)
+            assert ctypes.sizeof(one) == ctypes.sizeof(leaf), name
+            assert table.max_entries == size, name
+    finally:
+        b.cleanup()
+
+
+def test_fib_flags_follow_the_kernel_version():
+    assert bpfmaps.fib_flags("6.1.0-56-amd64") == 0
+    assert bpfmaps.fib_flags("6.3.1") == bpfmaps.FIB_LOOKUP_SKIP_NEIGH
+    assert bpfmaps.fib_flags("6.10.0") == (bpfmaps.FIB_LOOKUP_SKIP_NEIGH
+                                           | bpfmaps.FIB_LOOKUP_MARK)
+    assert bpfmaps.fib_flags("6.18.44-fc-v669") & bpfmaps.FIB_LOOKUP_MARK

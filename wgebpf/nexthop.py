@@ -1,0 +1,250 @@
+"""Next-hop peer selection: loader for bpf/nexthop.c (tc egress classifier).
+
+The classifier runs on the wgebpf TUN device's clsact egress hook. For each
+packet it asks the kernel FIB for the route's next hop (or, in allowedips
+mode, takes the destination) and finds the peer whose allowed-ips hold it
+longest-prefix first; the peer's slot is its TUN queue, and tun_steer.py's
+program puts the packet there. Nothing in Python looks at packets: this
+module only fills the maps (config, allowed-ips tries) and reads counters.
+
+One compile serves the classifier and the steering program (they come from
+one bcc object); TunSteering(tun, classifier) reuses it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import ipaddress
+import socket
+from typing import Iterable, NamedTuple
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import bpfmaps as m
+from .state import tc_record
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MODES = {"nexthop": 0, "allowedips": m.CFG_ALLOWEDIPS}
+
+# Where the filter goes: clsact egress, one bpf filter we can name exactly
+# (prio and handle), so detach removes ours and nothing else.
+TC_PARENT_EGRESS = "ffff:fff3"
+TC_PRIO = 1
+TC_HANDLE = 1
+
+
+class NexthopStats(NamedTuple):
+    packets: int
+    bytes: int
+
+
+class NextHopClassifier:
+    """The classifier for one device: maps, program, and its tc attachment.
+
+    `queues` is the TUN's queue count: a peer whose slot is not below it is
+    treated as no peer (its queue does not exist, and the kernel would wrap
+    the number around onto another peer's queue). Raise it with
+    set_queue_count() when adding queues.
+    """
+
+    def __init__(self, ifname_or_index: str | int, mode: str = "nexthop", *,
+                 queues: int = m.QUEUES_MAX):
+        self.ifindex, self.ifname = _resolve(ifname_or_index)
+        self.bpf = m.compile_programs("nexthop.c", "tun_steer.c")
+        self._owned: dict[int, set[Network]] = {}   # slot -> its prefixes
+        self._owner: dict[Network, int] = {}        # prefix -> slot
+        self.record: dict | None = None             # tc_record() while attached
+        try:
+            self._prog = self.bpf.load_func(b"wg_nexthop", self.bpf.SCHED_CLS)
+            self._steer = self.bpf.load_func(b"wg_tun_steer", self.bpf.SOCKET_FILTER)
+            self._config = m.Config(flags=0, fib_flags=m.fib_flags(), queues=queues)
+            self._peers4 = self.bpf[m.MAP_PEERS4.encode()]
+            self._peers6 = self.bpf[m.MAP_PEERS6.encode()]
+            self.set_mode(mode)
+            self.set_queue_count(queues)
+        except BaseException:
+            self.bpf.cleanup()
+            raise
+
+    # -- programs ------------------------------------------------------------
+
+    @property
+    def prog_fd(self) -> int:
+        return self._prog.fd
+
+    @property
+    def steering_fd(self) -> int:
+        """fd of tun_steer.c's program, compiled with the classifier."""
+        return self._steer.fd
+
+    @property
+    def prog_id(self) -> int:
+        return m.prog_info(self.prog_fd).id
+
+    def attach(self) -> dict:
+        """Add the clsact qdisc (if missing) and our bpf filter on egress.
+
+        Returns the tc_record for the runtime-state file (also in .record).
+        """
+        if self.record is not None:
+            return self.record
+        with IPRoute() as ipr:
+            created = _add_clsact(ipr, self.ifindex)
+            try:
+                ipr.tc("add-filter", "bpf", self.ifindex, TC_HANDLE, fd=self.prog_fd,
+                       name="wg_nexthop", parent=TC_PARENT_EGRESS, prio=TC_PRIO,
+                       classid=1, direct_action=True)
+            except BaseException:
+                if created:
+                    _ignore_gone(ipr.tc, "del", "clsact", self.ifindex)
+                raise
+        self.record = tc_record(self.ifindex, self.ifname, TC_PARENT_EGRESS, prio=TC_PRIO,
+                                handle=TC_HANDLE, prog_id=self.prog_id, clsact=created)
+        return self.record
+
+    def detach(self) -> None:
+        """Remove what attach() added; a device already gone is fine."""
+        rec, self.record = self.record, None
+        if rec is None:
+            return
+        with IPRoute() as ipr:
+            if rec["clsact"]:
+                _ignore_gone(ipr.tc, "del", "clsact", self.ifindex)
+            else:
+                _ignore_gone(ipr.tc, "del-filter", "bpf", self.ifindex, TC_HANDLE,
+                             parent=TC_PARENT_EGRESS, prio=TC_PRIO)
+
+    def close(self) -> None:
+        """Detach and release the programs and maps."""
+        try:
+            self.detach()
+        finally:
+            self.bpf.cleanup()
+
+    def __enter__(self) -> "NextHopClassifier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- configuration -----------------------------------------------------
+
+    def set_mode(self, mode: str) -> None:
+        """'nexthop' (the route's next hop picks the peer) or 'allowedips'."""
+        if mode not in MODES:
+            raise ValueError(f"peer selection must be one of {sorted(MODES)}, not {mode!r}")
+        self._config.flags = (self._config.flags & ~m.CFG_ALLOWEDIPS) | MODES[mode]
+        self.mode = mode
+        self._write_config()
+
+    def set_queue_count(self, queues: int) -> None:
+        if not 1 <= queues <= m.QUEUES_MAX:
+            raise ValueError(f"queues must be 1..{m.QUEUES_MAX}, not {queues}")
+        self._config.queues = queues
+        self._write_config()
+
+    def _write_config(self) -> None:
+        self.bpf[m.MAP_CONFIG.encode()][ctypes.c_uint32(0)] = self._config
+
+    def set_peer(self, slot: int, networks: Iterable[str | Network]) -> None:
+        """Make `networks` the allowed-ips of peer `slot` (replacing its old set).
+
+        A prefix another peer had moves to this one, as with WireGuard's
+        allowed-ips (one owner per prefix). Host bits are masked off.
+        """
+        _check_slot(slot)
+        new = {ipaddress.ip_network(n, strict=False) for n in networks}
+        old = self._owned.get(slot, set())
+        for net in new:
+            prev = self._owner.get(net)
+            if prev is not None and prev != slot:
+                self._owned[prev].discard(net)
+            self._trie(net)[_lpm_key(net)] = ctypes.c_uint32(slot)
+            self._owner[net] = slot
+        for net in old - new:
+            self._delete(net)
+        self._owned[slot] = new
+
+    def remove_peer(self, slot: int) -> None:
+        """Forget peer `slot`'s allowed-ips; its packets then go to queue 0."""
+        for net in self._owned.pop(slot, set()):
+            self._delete(net)
+
+    def peers(self) -> dict[int, set[Network]]:
+        """slot -> allowed-ips, as set here."""
+        return {slot: set(nets) for slot, nets in self._owned.items() if nets}
+
+    def _delete(self, net: Network) -> None:
+        self._owner.pop(net, None)
+        try:
+            del self._trie(net)[_lpm_key(net)]
+        except KeyError:
+            pass
+
+    def _trie(self, net: Network):
+        return self._peers4 if net.version == 4 else self._peers6
+
+    # -- counters ----------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        """Packets per verdict reason and event (bpfmaps.COUNTER_NAMES), all CPUs summed."""
+        table = self.bpf[m.MAP_COUNTERS.encode()]
+        return {name: int(sum(table[ctypes.c_uint32(index)]))
+                for index, name in m.COUNTER_NAMES.items()}
+
+    def nexthop_counters(self) -> dict[ipaddress.IPv4Address | ipaddress.IPv6Address,
+                                       NexthopStats]:
+        """Packets and bytes per next hop (nexthop mode), all CPUs summed."""
+        out = {}
+        for key, per_cpu in self.bpf[m.MAP_NEXTHOPS.encode()].items():
+            addr = bytes(key.addr[:4] if key.family == socket.AF_INET else key.addr)
+            out[ipaddress.ip_address(addr)] = NexthopStats(
+                sum(v.packets for v in per_cpu), sum(v.bytes for v in per_cpu))
+        return out
+
+
+def _resolve(ifname_or_index: str | int) -> tuple[int, str]:
+    """(ifindex, ifname) in the calling thread's network namespace."""
+    try:
+        if isinstance(ifname_or_index, int):
+            return ifname_or_index, socket.if_indextoname(ifname_or_index)
+        return socket.if_nametoindex(ifname_or_index), ifname_or_index
+    except OSError as e:
+        raise OSError(errno.ENODEV, f"no network device {ifname_or_index!r}") from e
+
+
+def _check_slot(slot: int) -> None:
+    if not m.SLOT_MIN <= slot <= m.SLOT_MAX:
+        raise ValueError(f"peer slot must be {m.SLOT_MIN}..{m.SLOT_MAX} "
+                         f"(queue {m.QUEUE_CONTROL} is the control plane's), not {slot}")
+
+
+def _lpm_key(net: Network) -> ctypes.Structure:
+    key = m.LpmKey4() if net.version == 4 else m.LpmKey6()
+    key.prefixlen = net.prefixlen
+    ctypes.memmove(key.addr, net.network_address.packed, len(key.addr))
+    return key
+
+
+def _add_clsact(ipr: IPRoute, ifindex: int) -> bool:
+    """Add clsact; False if the device already had one (then it is not ours)."""
+    try:
+        ipr.tc("add", "clsact", ifindex)
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
+        return False
+    return True
+
+
+def _ignore_gone(call, *args, **kwargs) -> None:
+    try:
+        call(*args, **kwargs)
+    except NetlinkError as e:
+        # ENODEV: device gone (and its qdiscs with it); ENOENT/EINVAL: the
+        # qdisc or filter is gone already.
+        if e.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
+            raise

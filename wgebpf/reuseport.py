@@ -1,0 +1,77 @@
+"""Receive steering: loader for bpf/reuseport.c (SO_ATTACH_REUSEPORT_EBPF).
+
+Every worker process has one UDP socket in each SO_REUSEPORT group (one
+IPv4, one IPv6) on the listen port; the control plane's socket is position
+0. The program reads a data message's receiver index and returns the
+position stored for it here; everything else goes to position 0.
+
+Positions are the kernel's: join order, counted from 0. Two rules keep them
+right (both are the kernel's behaviour, not ours):
+  - join the IPv4 and IPv6 groups in the same order, so one position means
+    the same worker in both (one map serves both groups);
+  - closing a socket moves the group's last socket into its place, so after
+    a worker's socket closes, re-set the indexes of the one that moved.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+
+from . import bpfmaps as m
+
+SO_ATTACH_REUSEPORT_EBPF = 52
+SO_DETACH_REUSEPORT_BPF = 68      # kernel 5.3+
+
+
+class ReuseportSteering:
+    """The program and its receiver index -> socket position map."""
+
+    def __init__(self):
+        self.bpf = m.compile_programs("reuseport.c")
+        self._prog = self.bpf.load_func(b"wg_reuseport", self.bpf.SOCKET_FILTER)
+        self._index = self.bpf[m.MAP_RXINDEX.encode()]
+
+    @property
+    def prog_fd(self) -> int:
+        return self._prog.fd
+
+    @property
+    def prog_id(self) -> int:
+        return m.prog_info(self.prog_fd).id
+
+    def attach(self, sock: socket.socket) -> None:
+        """Steer the reuseport group `sock` belongs to (or will, once bound)."""
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, self.prog_fd)
+
+    @staticmethod
+    def detach(sock: socket.socket) -> None:
+        """Back to the kernel's hash for the group of `sock`."""
+        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+
+    def set_index(self, receiver_index: int, position: int) -> None:
+        """Data messages for `receiver_index` go to the socket at `position`."""
+        if not 0 <= receiver_index < 1 << 32:
+            raise ValueError(f"receiver index must be a 32-bit unsigned int, not {receiver_index}")
+        if not 0 <= position < 1 << 16:
+            raise ValueError(f"socket position out of range: {position}")
+        self._index[ctypes.c_uint32(receiver_index)] = ctypes.c_uint32(position)
+
+    def remove_index(self, receiver_index: int) -> None:
+        """Messages for `receiver_index` go back to the control plane (0)."""
+        try:
+            del self._index[ctypes.c_uint32(receiver_index)]
+        except KeyError:
+            pass
+
+    def clear(self) -> None:
+        self._index.clear()
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+    def __enter__(self) -> "ReuseportSteering":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
