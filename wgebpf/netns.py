@@ -215,7 +215,10 @@ class Namespace:
         """Set a per-namespace sysctl (net.* keys only, which are namespaced)."""
         if not key.startswith("net."):
             raise ValueError("only net.* sysctls are per namespace")
-        self.run(["sysctl", "-q", "-w", f"{key}={value}"])
+        # /proc/sys/net shows the namespace of whoever opens it; writing it
+        # directly avoids depending on procps' sysctl (not in minimal images).
+        path = "/proc/sys/" + key.replace(".", "/")
+        self.run(["sh", "-c", f'echo {value} > "$1"', "sh", path])
 
     def link_exists(self, ifname: str) -> bool:
         return self.ip("link", "show", "dev", ifname, check=False).returncode == 0
