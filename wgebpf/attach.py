@@ -138,6 +138,7 @@ class Attachment:
         self.selector.register(self.tun.fds[0], selectors.EVENT_READ, ("tun", 0))
         self._register_sockets()
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         signal.set_wakeup_fd(self._wake_w)
         for sig in (signal.SIGINT, signal.SIGTERM):
