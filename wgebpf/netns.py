@@ -264,6 +264,13 @@ def veth(a: Namespace, b: Namespace, a_addrs: Iterable[str] = (),
     name_a, name_b = unique_ifname(prefix_a), unique_ifname(prefix_b)
     a.ip("link", "add", name_a, "type", "veth", "peer", "name", name_b,
          "netns", b.name)
+    for ns, name in ((a, name_a), (b, name_b)):
+        # No DAD on the cable, link-local included: while a router's
+        # link-local address is tentative it solicits neighbours for
+        # forwarded packets from "::", which hosts ignore, and the first
+        # seconds of routed IPv6 are lost. (Only veths: the WireGuard
+        # interfaces keep the kernel's defaults, as on a real host.)
+        ns.sysctl(f"net.ipv6.conf.{name}.accept_dad", 0)
     for ns, name, addrs in ((a, name_a, a_addrs), (b, name_b, b_addrs)):
         for cidr in addrs:
             add_address(ns, name, cidr)
