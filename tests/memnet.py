@@ -65,7 +65,7 @@ class MemoryTun:
     def __init__(self):
         self.received: list[bytes] = []
 
-    def write(self, packet: bytes) -> None:
+    def write(self, packet: bytes, queue: int = 0) -> None:
         self.received.append(bytes(packet))
 
 

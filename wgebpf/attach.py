@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 
-from . import link
+from . import link, send, status
 from .config import Config
 from .conn import UDPConn
 from .device import Device
@@ -23,7 +23,11 @@ from .messages import DEFAULT_MTU
 from .state import RuntimeState
 from .timers import Timing
 from .tun import Tun
+from .nexthop import NextHopClassifier
+from .reuseport import ReuseportSteering
+from .tun_steer import TunSteering
 from .uapi import UAPIServer
+from .workerpool import WorkerPool, default_workers
 
 log = logging.getLogger("wgebpf")
 
@@ -76,6 +80,8 @@ class Attachment:
         self.underlay = underlay
         self.config = config
         self.name = name
+        self.pool = None
+        self.classifier = self.steering = self.reuseport = None
         self.tun = None
         self.conn = None
         self.uapi = None
@@ -100,16 +106,26 @@ class Attachment:
         mtu = iface.mtu or DEFAULT_MTU
         link.configure(self.name, iface.addresses, mtu)
         self._device_sysctls()
-        self.conn = UDPConn(iface.listen_port or 0, self.underlay, iface.fwmark)
+        self._load_bpf()
+        workers = iface.workers or default_workers()
+        self.conn = UDPConn(iface.listen_port or 0, self.underlay, iface.fwmark,
+                            group=workers + 1, steering=self.reuseport)
         self.device = Device(self.name, iface.private_key, tun=self, conn=self.conn,
                              timing=Timing.from_environment(), addresses=iface.addresses, mtu=mtu)
         self.device.fwmark = iface.fwmark
         self.device.source_policy = iface.source_policy
         self.device.peer_selection = iface.peer_selection
         self.device.force_under_load = os.environ.get("WGEBPF_TEST_FORCE_UNDER_LOAD") == "1"
+        self.pool = WorkerPool(self.device, self.tun, self.conn, workers, self.classifier,
+                               self.reuseport, self.selector)
+        self.device.dataplane = self.pool
         configure_device(self.device, self.config)
-        self.conn.on_rebind = self._register_sockets
+        self.pool.policy_changed()
+        self.pool.start()
+        self.conn.on_rebind = self._sockets_changed
         self.uapi = UAPIServer(self.name, self.device, self.device.lock)
+        self.uapi.extensions["wgebpf-status=1"] = status.handler(self.device, self.pool,
+                                                                  self.classifier)
         self.uapi.start()
         self.state.socket_path = self.uapi.path
         self.state.save()
@@ -123,6 +139,22 @@ class Attachment:
         base = f"/proc/sys/net/ipv4/conf/{self.name}"
         set_sysctl(f"{base}/accept_local", "1")
         link.enable_forwarding(self.name)
+
+    def _load_bpf(self) -> None:
+        """The next-hop classifier on tc egress and the TUN steering program
+        that puts each packet on its peer's queue; the reuseport program
+        that hands each data message to the worker owning its session."""
+        mode = self.config.interface.peer_selection
+        self.classifier = NextHopClassifier(self.name, mode, queues=1)
+        self.state.tc_filters.append(self.classifier.attach())
+        self.state.save()
+        self.steering = TunSteering(self.tun, self.classifier)
+        self.steering.attach()
+        self.reuseport = ReuseportSteering()
+
+    def _sockets_changed(self) -> None:
+        self._register_sockets()
+        self.pool.sockets_changed()
 
     def _add_routes(self) -> None:
         iface = self.config.interface
@@ -157,8 +189,8 @@ class Attachment:
 
     # --- the device's TUN ("tun" handed to Device: it writes decrypted packets) ---
 
-    def write(self, packet: bytes) -> None:
-        self.tun.write(packet)
+    def write(self, packet: bytes, queue: int = 0) -> None:
+        self.tun.write(packet, queue)
 
     # --- run --------------------------------------------------------------------------------
 
@@ -177,6 +209,8 @@ class Attachment:
                     kind, arg = key.data
                     if kind == "tun":
                         self._drain_tun(arg)
+                    elif kind == "worker":
+                        self.pool.on_readable(arg)
                     elif kind == "udp":
                         for data, source in self.conn.receive(arg):
                             device.on_datagram(data, source)
@@ -185,11 +219,12 @@ class Attachment:
                 scheduler.run_due()
 
     def _drain_tun(self, queue: int) -> None:
+        """Queue 0 holds what the classifier found no peer for."""
         for _ in range(TUN_BATCH):
             packet = self.tun.read(queue)
             if packet is None:
                 return
-            self.device.on_tun_packet(packet)
+            send.no_peer(self.device, packet)
 
     def _drain_wake(self) -> None:
         try:
@@ -205,7 +240,11 @@ class Attachment:
         steps = [
             ("PreDown hooks", lambda: link.run_hooks(iface.pre_down, self.name)),
             ("UAPI socket", lambda: self.uapi and self.uapi.stop()),
+            ("workers", lambda: self.pool and self.pool.stop()),
             ("device", lambda: self.device and self.device.close()),
+            ("classifier", lambda: self.classifier and self.classifier.close()),
+            ("steering", lambda: self.steering and self.steering.close()),
+            ("reuseport", lambda: self.reuseport and self.reuseport.close()),
             ("routes", lambda: link.remove_routes(self.routes)),
             ("sockets", lambda: self.conn and self.conn.close()),
             ("TUN", lambda: self.tun and self.tun.close()),

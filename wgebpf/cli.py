@@ -80,6 +80,21 @@ def show(name: str = typer.Argument(None, help="interface name (default: all)"))
         fail(str(exc))
 
 
+@app.command("status")
+def status_command(name: str = typer.Argument(..., help="interface name")):
+    """Print wgebpf's own state as JSON: workers, drops by reason, eBPF
+    counters, traffic per next hop (what `wg show` cannot carry).
+
+    Example: wgebpf status wg0 | jq .workers
+    """
+    import json
+    from .show import ShowError, status
+    try:
+        typer.echo(json.dumps(status(name), indent=2, sort_keys=True))
+    except ShowError as exc:
+        fail(str(exc))
+
+
 @app.command()
 def genkey():
     """Print a new private key (base64), like `wg genkey`."""

@@ -21,19 +21,54 @@ def normalize(address: tuple) -> tuple[str, int]:
     return host, port
 
 
+def receive_batch(sock: socket.socket) -> list:
+    """Up to RECV_BATCH datagrams waiting on sock, as (data, (host, port))."""
+    out = []
+    for _ in range(RECV_BATCH):
+        try:
+            data, address = sock.recvfrom(65535)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            # ICMP errors surface as ECONNREFUSED etc. on UDP: not ours to act on.
+            continue
+        out.append((data, normalize(address)))
+    return out
+
+
 class UDPConn:
-    def __init__(self, port: int = 0, underlay: str | None = None, fwmark: int = 0):
+    """The listen port's sockets: `group` sockets per family, joined in the
+    same order into an SO_REUSEPORT group (position 0 is the control
+    plane's, position k worker k's), so one reuseport program steers both
+    families alike. `steering` (reuseport.py) is attached to each group."""
+
+    on_rebind = None
+
+    def __init__(self, port: int = 0, underlay: str | None = None, fwmark: int = 0,
+                 group: int = 1, steering=None):
         self.underlay = underlay
         self.fwmark = fwmark
+        self.group = group
+        self.steering = steering
         self.send_errors = 0
-        self.sockets: list[socket.socket] = []
+        self.groups: list[list[socket.socket]] = [[], []]     # [IPv4 group, IPv6 group]
         self._bind(port)
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """The control plane's own pair (position 0)."""
+        return [self.groups[0][0], self.groups[1][0]]
+
+    def position(self, k: int) -> list[socket.socket]:
+        return [self.groups[0][k], self.groups[1][k]]
 
     def _socket(self, family: int, port: int) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if self.group > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if self.underlay:
                 sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, self.underlay.encode())
             if self.fwmark:
@@ -47,48 +82,62 @@ class UDPConn:
             sock.close()
             raise
 
+    def _family_group(self, family: int, port: int) -> list[socket.socket]:
+        first = self._socket(family, port)
+        members = [first]
+        try:
+            port = first.getsockname()[1]
+            if self.steering is not None:
+                self.steering.attach(first)
+            for _ in range(self.group - 1):
+                members.append(self._socket(family, port))
+        except BaseException:
+            for sock in members:
+                sock.close()
+            raise
+        return members
+
     def _bind(self, port: int) -> None:
         # Port 0: let the kernel pick for IPv4, then take the same for IPv6;
         # retry a few times in case that port is taken on IPv6.
         for _ in range(8):
-            v4 = self._socket(socket.AF_INET, port)
-            chosen = v4.getsockname()[1]
+            v4 = self._family_group(socket.AF_INET, port)
+            chosen = v4[0].getsockname()[1]
             try:
-                v6 = self._socket(socket.AF_INET6, chosen)
+                v6 = self._family_group(socket.AF_INET6, chosen)
             except OSError as exc:
-                v4.close()
+                for sock in v4:
+                    sock.close()
                 if port == 0 and exc.errno == errno.EADDRINUSE:
                     continue
                 raise
             self.close()
-            self.sockets = [v4, v6]
+            self.groups = [v4, v6]
             self.listen_port = chosen
             return
         raise OSError(errno.EADDRINUSE, "no free UDP port for both IPv4 and IPv6")
 
     def rebind(self, port: int) -> None:
-        old = self.sockets
-        self.sockets = []
+        old = self.groups
+        self.groups = [[], []]
         try:
             self._bind(port)
         except OSError:
-            self.sockets = old
+            self.groups = old
             raise
-        for sock in old:
+        for sock in old[0] + old[1]:
             sock.close()
         if self.on_rebind is not None:
             self.on_rebind()
 
-    on_rebind = None
-
     def set_mark(self, mark: int) -> None:
         self.fwmark = mark
-        for sock in self.sockets:
+        for sock in self.groups[0] + self.groups[1]:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
 
     def send(self, data: bytes, endpoint: tuple) -> None:
         host = endpoint[0]
-        sock = self.sockets[1] if ":" in host else self.sockets[0]
+        sock = self.groups[1][0] if ":" in host else self.groups[0][0]
         try:
             sock.sendto(data, endpoint)
         except OSError:
@@ -96,21 +145,11 @@ class UDPConn:
             # on a wire; the protocol's timers recover.
             self.send_errors += 1
 
-    def receive(self, sock: socket.socket):
-        """Up to RECV_BATCH datagrams waiting on sock."""
-        out = []
-        for _ in range(RECV_BATCH):
-            try:
-                data, address = sock.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                # ICMP errors surface as ECONNREFUSED etc. on UDP: not ours to act on.
-                continue
-            out.append((data, normalize(address)))
-        return out
+    @staticmethod
+    def receive(sock: socket.socket):
+        return receive_batch(sock)
 
     def close(self) -> None:
-        for sock in self.sockets:
+        for sock in self.groups[0] + self.groups[1]:
             sock.close()
-        self.sockets = []
+        self.groups = [[], []]

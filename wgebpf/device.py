@@ -40,14 +40,54 @@ class _Actions:
         send.send_handshake_initiation(self.device, peer, retry)
 
     def send_keepalive(self, peer) -> None:
-        send.send_keepalive(self.device, peer)
+        self.device.dataplane.send_keepalive(peer)
 
     def zero_key_material(self, peer) -> None:
         self.device.zero_key_material(peer)
 
     def handshake_gave_up(self, peer) -> None:
         peer.stats.handshakes_failed += 1
+        self.device.dataplane.purge_staged(peer)
+
+
+class LocalDataplane:
+    """Sessions live in this process (unit tests, and the reference for
+    workerpool.WorkerPool, which implements the same hooks across processes)."""
+
+    def __init__(self, device: "Device"):
+        self.device = device
+
+    def install_keypair(self, peer, keypair) -> None:
+        peer.keypairs.add(keypair)
+        self.device.release_retired_keypairs(peer)
+        if keypair.i_am_the_initiator:
+            peer.sent_lastminute_handshake = False
+            send.send_keepalive(self.device, peer)
+
+    def send_keepalive(self, peer) -> None:
+        send.send_keepalive(self.device, peer)
+
+    def zero_keys(self, peer) -> None:
+        peer.keypairs.clear()
+        self.device.release_retired_keypairs(peer)
+
+    def endpoint_changed(self, peer) -> None:
+        pass
+
+    def purge_staged(self, peer) -> None:
         peer.purge_staged()
+
+    def refresh(self) -> None:
+        pass
+
+    def peer_added(self, peer) -> None:
+        pass
+
+    def peer_removed(self, peer) -> None:
+        pass
+
+    def allowed_ips_changed(self) -> None:
+        pass
 
 
 class Device:
@@ -59,6 +99,9 @@ class Device:
         self.scheduler = Scheduler(self.clock)
         self.timing = timing or Timing()
         self.actions = _Actions(self)
+        self.dataplane = LocalDataplane(self)
+        self.source_policy = "allowedips"
+        self.peer_selection = "allowedips"
         self.identity = StaticIdentity(private_key)
         self.tun = tun
         self.conn = conn
@@ -127,6 +170,7 @@ class Device:
             raise DeviceError("too many peers")
         peer = Peer(self, public_key)
         self.peers[public_key] = peer
+        self.dataplane.peer_added(peer)
         return peer
 
     def remove_peer(self, public_key: bytes) -> None:
@@ -137,6 +181,8 @@ class Device:
         self.zero_key_material(peer)
         peer.purge_staged()
         self.allowed_ips.remove_by_peer(peer)
+        self.dataplane.peer_removed(peer)
+        self.dataplane.allowed_ips_changed()
 
     def remove_all_peers(self) -> None:
         for key in list(self.peers):
@@ -151,9 +197,11 @@ class Device:
 
     def add_allowed_ip(self, peer, network) -> None:
         self.allowed_ips.insert(ipaddress.ip_network(network, strict=False), peer)
+        self.dataplane.allowed_ips_changed()
 
     def clear_allowed_ips(self, peer) -> None:
         self.allowed_ips.remove_by_peer(peer)
+        self.dataplane.allowed_ips_changed()
 
     # --- session indices (receiver index -> handshake or keypair) -----------------
 
@@ -172,11 +220,20 @@ class Device:
             entry = self.indices.get(keypair.local_index)
             if entry is not None and entry[1] is keypair:
                 del self.indices[keypair.local_index]
+                self.index_released(keypair.local_index)
+
+    def index_released(self, index: int) -> None:
+        """Hook: a session index is gone (a worker tells the control plane)."""
+
+    def install_keypair(self, peer, keypair) -> None:
+        """A new session: it takes over the handshake's index, and goes to
+        whoever owns the peer's data plane."""
+        self.indices[keypair.local_index] = (peer, keypair)
+        self.dataplane.install_keypair(peer, keypair)
 
     def zero_key_material(self, peer) -> None:
         """Forget every key of a peer (after 3 x REJECT_AFTER_TIME, or on removal)."""
-        peer.keypairs.clear()
-        self.release_retired_keypairs(peer)
+        self.dataplane.zero_keys(peer)
         if peer.handshake.local_index:
             self.drop_index(peer.handshake.local_index)
         peer.handshake.clear()

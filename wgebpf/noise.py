@@ -235,6 +235,22 @@ class Keypair:
         self.peer = peer
         self.valid = True
 
+    def export(self) -> dict:
+        """Everything a keypair is, for handing it to another process (the
+        monotonic clock is system-wide, so the birthdate travels as is)."""
+        return {"sending_key": self.sending_key, "receiving_key": self.receiving_key,
+                "initiator": self.i_am_the_initiator, "local_index": self.local_index,
+                "remote_index": self.remote_index, "birthdate": self.birthdate,
+                "send_counter": self.send_counter, "replay": self.replay}
+
+    @classmethod
+    def restore(cls, state: dict, peer=None) -> "Keypair":
+        keypair = cls(state["sending_key"], state["receiving_key"], state["initiator"],
+                      state["local_index"], state["remote_index"], state["birthdate"], peer)
+        keypair.send_counter = state["send_counter"]
+        keypair.replay = state["replay"]
+        return keypair
+
     def can_send(self, now: float) -> bool:
         return (self.valid and self.send_counter < REJECT_AFTER_MESSAGES
                 and now - self.birthdate < REJECT_AFTER_TIME)

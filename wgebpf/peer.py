@@ -30,6 +30,8 @@ class Peer:
         self.keypairs = Keypairs()
         self.cookie = CookieGenerator(public_key, device.clock)
         self.endpoint: tuple[str, int] | None = None
+        self.queue = 0                          # TUN queue (= slot with the worker pool)
+        self.source_policy: str | None = None   # per-peer override of SourcePolicy
         self.persistent_keepalive_interval = 0
         self.staged: collections.deque = collections.deque()
         self.tx_bytes = 0
@@ -54,7 +56,9 @@ class Peer:
         self.handshake.preshared_key = key or ZERO_KEY
 
     def set_endpoint(self, endpoint: tuple[str, int] | None) -> None:
-        self.endpoint = endpoint
+        if endpoint != self.endpoint:
+            self.endpoint = endpoint
+            self.device.dataplane.endpoint_changed(self)
 
     def set_persistent_keepalive(self, seconds: int) -> None:
         was = self.persistent_keepalive_interval
@@ -62,7 +66,7 @@ class Peer:
         if seconds and not was and self.endpoint is not None:
             # Like wireguard-go: turning it on sends one at once, so a peer
             # behind NAT becomes reachable without waiting an interval.
-            self.device.actions.send_keepalive(self)
+            self.device.dataplane.send_keepalive(self)
         if not seconds:
             self.timers.persistent_keepalive.cancel()
 

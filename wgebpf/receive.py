@@ -90,9 +90,6 @@ def handle_response(device, data: bytes, source: tuple) -> None:
     consume_response(device.identity, peer.handshake, data)
     index = peer.handshake.local_index
     keypair = begin_session(peer.handshake, index, device.clock.monotonic(), peer)
-    device.indices[index] = (peer, keypair)
-    peer.keypairs.add(keypair)
-    device.release_retired_keypairs(peer)
     peer.set_endpoint(source)
     peer.sent_lastminute_handshake = False
     peer.stats.handshakes_completed += 1
@@ -100,9 +97,10 @@ def handle_response(device, data: bytes, source: tuple) -> None:
     peer.timers.any_authenticated_packet_traversal()
     peer.timers.session_derived()
     peer.timers.handshake_complete()
-    # Staged packets confirm the session to the responder; with none, a
-    # keepalive does, so the responder may send at once.
-    send.send_keepalive(device, peer)
+    # Installing an initiator's keypair sends the staged packets, or a
+    # keepalive if there are none: either confirms the session to the
+    # responder, so it may send at once.
+    device.install_keypair(peer, keypair)
 
 
 def handle_cookie_reply(device, data: bytes) -> None:
@@ -193,4 +191,4 @@ def deliver(device, peer, plaintext: bytes) -> None:
         device.drops["source_policy"] += 1
         peer.stats.dishonest_source += 1
         return
-    device.tun.write(plaintext[:length])
+    device.tun.write(plaintext[:length], peer.queue)

@@ -58,23 +58,44 @@ def select_peer(device, packet: bytes):
 def packet_from_tun(device, packet: bytes) -> None:
     peer = select_peer(device, packet)
     if peer is None:
-        if destination_of(packet) is None:
-            device.drops["malformed_outgoing"] += 1
-            return
-        device.drops["no_peer"] += 1
-        reply = icmp.unreachable(device, packet)
-        if reply is not None:
-            device.tun.write(reply)
+        no_peer(device, packet)
         return
-    peer.stage(packet)
-    send_staged(device, peer)
+    packet_for_peer(device, peer, packet)
+
+
+def no_peer(device, packet: bytes) -> None:
+    """Drop, count, and tell the sender (ICMP destination unreachable)."""
+    if destination_of(packet) is None:
+        device.drops["malformed_outgoing"] += 1
+        return
+    device.drops["no_peer"] += 1
+    reply = icmp.unreachable(device, packet)
+    if reply is not None:
+        device.tun.write(reply, 0)
+
+
+def packet_for_peer(device, peer, packet: bytes) -> None:
+    """A packet whose peer is already known (by its TUN queue, in a worker)."""
+    if peer.staged:
+        peer.stage(packet)
+        send_staged(device, peer)
+        return
+    keypair = peer.keypairs.current
+    now = device.clock.monotonic()
+    if (keypair is None or peer.endpoint is None or not keypair.can_send(now)
+            or keypair.send_counter >= REJECT_AFTER_MESSAGES):
+        peer.stage(packet)
+        send_staged(device, peer)
+        return
+    encrypt_and_send(device, peer, keypair, packet)
+    keep_key_fresh(device, peer, keypair, now)
 
 
 def send_staged(device, peer) -> None:
     keypair = peer.keypairs.current
     now = device.clock.monotonic()
     if keypair is None or not keypair.can_send(now):
-        send_handshake_initiation(device, peer, retry=False)
+        device.actions.send_handshake_initiation(peer, retry=False)
         return
     if peer.endpoint is None:
         device.drops["no_endpoint"] += len(peer.staged)
@@ -82,7 +103,7 @@ def send_staged(device, peer) -> None:
         return
     while peer.staged:
         if keypair.send_counter >= REJECT_AFTER_MESSAGES:
-            send_handshake_initiation(device, peer, retry=False)
+            device.actions.send_handshake_initiation(peer, retry=False)
             return
         encrypt_and_send(device, peer, keypair, peer.staged.popleft())
     keep_key_fresh(device, peer, keypair, now)
@@ -123,7 +144,7 @@ def keep_key_fresh(device, peer, keypair, now: float) -> None:
     if (keypair.send_counter > REKEY_AFTER_MESSAGES
             or (keypair.i_am_the_initiator
                 and now - keypair.birthdate >= device.timing.rekey_after_time)):
-        send_handshake_initiation(device, peer, retry=False)
+        device.actions.send_handshake_initiation(peer, retry=False)
 
 
 def keep_key_fresh_on_receive(device, peer, now: float) -> None:
@@ -135,7 +156,7 @@ def keep_key_fresh_on_receive(device, peer, now: float) -> None:
         return
     if now - keypair.birthdate >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT:
         peer.sent_lastminute_handshake = True
-        send_handshake_initiation(device, peer, retry=False)
+        device.actions.send_handshake_initiation(peer, retry=False)
 
 
 def send_handshake_initiation(device, peer, retry: bool) -> None:
@@ -174,9 +195,7 @@ def send_handshake_response(device, peer) -> None:
         raise
     peer.cookie.add_macs(message)
     keypair = begin_session(peer.handshake, index, device.clock.monotonic(), peer)
-    device.indices[index] = (peer, keypair)      # the session takes over the index
-    peer.keypairs.add(keypair)
-    device.release_retired_keypairs(peer)
+    device.install_keypair(peer, keypair)
     peer.timers.session_derived()
     peer.timers.any_authenticated_packet_traversal()
     peer.timers.any_authenticated_packet_sent()

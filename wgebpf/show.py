@@ -61,6 +61,15 @@ def query(name: str, directory: str = SOCKET_DIR) -> dict:
     return device
 
 
+def status(name: str, directory: str = SOCKET_DIR) -> dict:
+    """wgebpf's own status (workers, drops, eBPF counters) as a dict."""
+    import json
+    lines = uapi_request(name, "wgebpf-status=1\n\n", directory)
+    if not lines or not lines[0].startswith("{"):
+        raise ShowError(f"{name}: no wgebpf status (is it a wgebpf interface?)")
+    return json.loads(lines[0])
+
+
 def _b64(hex_key: str) -> str:
     return base64.b64encode(bytes.fromhex(hex_key)).decode()
 

@@ -455,6 +455,7 @@ class UAPIServer:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._clients: set[socket.socket] = set()
         self._clients_lock = threading.Lock()
+        self.extensions: dict = {}
 
     # -- lifecycle
 
@@ -559,7 +560,7 @@ class UAPIServer:
         reader.start_request()
         try:
             operation = reader.readline()
-            if operation not in ("get=1", "set=1"):
+            if operation not in ("get=1", "set=1") and operation not in self.extensions:
                 if operation:
                     log.warning("UAPI: unknown operation, closing the connection")
                 return False
@@ -569,8 +570,10 @@ class UAPIServer:
             return False
         if operation == "get=1":
             answer = self._get(body)
-        else:
+        elif operation == "set=1":
             answer = _errno_answer(self._set(body))
+        else:
+            answer = self._extension(operation, body)
         try:
             conn.sendall(answer.encode("latin-1", errors="replace"))
         except OSError:
@@ -581,11 +584,27 @@ class UAPIServer:
         if body:  # get=1 takes no arguments
             return _errno_answer(errno.EINVAL)
         with self.lock:
+            # The worker pool reports counters periodically; ask for fresh ones.
+            refresh = getattr(getattr(self.device, "dataplane", None), "refresh", None)
+            if refresh is not None:
+                refresh()
             return format_get(self.device)
 
     def _set(self, body: list[str]) -> int:
         with self.lock:
             return apply_set(self.device, body)
+
+    def _extension(self, operation: str, body: list[str]) -> str:
+        """wgebpf's own operations (`wgebpf-*=1`), on the same root-only
+        socket; wg(8) never sends them. The handler returns (text, errno);
+        text must hold no blank line."""
+        with self.lock:
+            try:
+                text, code = self.extensions[operation](body)
+            except Exception:
+                log.exception("UAPI: %s failed", operation)
+                text, code = "", errno.EINVAL
+        return (text + "\n" if text else "") + _errno_answer(code)
 
 
 def _read_until_blank(reader: _LineReader) -> list[str]:

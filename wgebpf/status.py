@@ -1,0 +1,52 @@
+"""`wgebpf status`: what wg(8) cannot show — per-worker load, drops by
+reason, eBPF counters, traffic per next hop — as JSON over the UAPI socket
+(operation `wgebpf-status=1`). Keys are public keys only, never private.
+"""
+
+import base64
+import json
+
+
+def _b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+def collect(device, pool=None, classifier=None) -> dict:
+    worker_of = pool.worker_of if pool is not None else {}
+    peers = {}
+    for key, peer in device.peers.items():
+        stats = peer.stats
+        peers[_b64(key)] = {
+            "slot": peer.queue,
+            "worker": worker_of[peer.queue].position if peer.queue in worker_of else None,
+            "endpoint": f"{peer.endpoint[0]}:{peer.endpoint[1]}" if peer.endpoint else None,
+            "rx_bytes": peer.rx_bytes, "tx_bytes": peer.tx_bytes,
+            "rx_packets": stats.rx_packets, "tx_packets": stats.tx_packets,
+            "handshakes_completed": stats.handshakes_completed,
+            "handshakes_failed": stats.handshakes_failed,
+            "handshakes_sent": stats.handshakes_sent,
+            "last_handshake_time": peer.last_handshake_time,
+            "source_policy": peer.source_policy or device.source_policy,
+        }
+    status = {
+        "interface": device.name,
+        "peer_selection": getattr(device, "peer_selection", "allowedips"),
+        "source_policy": device.source_policy,
+        "listen_port": device.listen_port,
+        "peers": peers,
+        "drops": dict(device.drops),
+        "workers": pool.status() if pool is not None else [],
+    }
+    if classifier is not None:
+        status["classifier"] = classifier.counters()
+        status["nexthops"] = {str(ip): {"packets": p, "bytes": b}
+                              for ip, (p, b) in classifier.nexthop_counters().items()}
+    return status
+
+
+def handler(device, pool=None, classifier=None):
+    def wgebpf_status(body: list[str]):
+        if pool is not None:
+            pool.refresh()
+        return json.dumps(collect(device, pool, classifier), sort_keys=True), 0
+    return wgebpf_status

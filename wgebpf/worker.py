@@ -1,0 +1,366 @@
+"""A crypto worker process: the data plane of the peers it owns.
+
+The control plane (workerpool.py) starts `python -m wgebpf.worker FD` and
+hands it, over the channel on FD, its UDP sockets (its position in each
+SO_REUSEPORT group) and one TUN queue per owned peer. From then on, for
+those peers only, this process:
+
+  send:    reads the peer's TUN queue (the tc classifier already chose the
+           peer: nothing here looks up a route or a peer), encrypts with
+           the current keypair and sends from its own UDP socket;
+  receive: gets the data messages whose receiver index the reuseport
+           program maps to this worker, checks replay, decrypts, checks the
+           inner source (SourcePolicy) and writes to the peer's TUN queue.
+
+It owns the peers' keypairs, counters and replay windows; nothing else
+touches them. It never handshakes: when a peer needs keys it asks the
+control plane, which runs the handshake and sends back the keypair. Timer
+events (data sent, data received, ...) are batched to the control plane,
+which owns the timers; what the timers decide (a keepalive, zeroing keys)
+comes back as a message.
+"""
+
+import ipaddress
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+
+from . import channel, send
+from .conn import receive_batch
+from .device import Device, LocalDataplane
+from .noise import Keypair
+from .timers import Timing
+
+log = logging.getLogger("wgebpf")
+
+STATS_INTERVAL = 0.5
+HANDSHAKE_REQUEST_INTERVAL = 1.0
+TUN_BATCH = 64
+
+# Timer events, in the order the control plane applies a batch of them.
+AUTH_RECEIVED, DATA_RECEIVED, AUTH_SENT, DATA_SENT, TRAVERSAL = 1, 2, 4, 8, 16
+EVENT_ORDER = (AUTH_RECEIVED, DATA_RECEIVED, AUTH_SENT, DATA_SENT, TRAVERSAL)
+
+
+class EventRecorder:
+    """Stands in for a peer's Timers in a worker: records the hooks' events
+    for the control plane instead of arming timers here."""
+
+    def __init__(self, worker: "Worker", slot: int):
+        self.worker = worker
+        self.slot = slot
+        self.handshake_attempts = 0
+
+    def _flag(self, bit: int) -> None:
+        events = self.worker.events
+        events[self.slot] = events.get(self.slot, 0) | bit
+
+    def data_sent(self):
+        self._flag(DATA_SENT)
+
+    def data_received(self):
+        self._flag(DATA_RECEIVED)
+
+    def any_authenticated_packet_sent(self):
+        self._flag(AUTH_SENT)
+
+    def any_authenticated_packet_received(self):
+        self._flag(AUTH_RECEIVED)
+
+    def any_authenticated_packet_traversal(self):
+        self._flag(TRAVERSAL)
+
+    def handshake_complete(self):
+        self.worker.outbox.append(("confirmed", self.slot))
+
+    def stop(self):
+        pass
+
+
+class WorkerActions:
+    def __init__(self, worker: "Worker"):
+        self.worker = worker
+
+    def send_handshake_initiation(self, peer, retry: bool) -> None:
+        self.worker.request_handshake(peer)
+
+    def send_keepalive(self, peer) -> None:
+        send.send_keepalive(self.worker.device, peer)
+
+    def zero_key_material(self, peer) -> None:
+        self.worker.device.dataplane.zero_keys(peer)
+
+    def handshake_gave_up(self, peer) -> None:
+        peer.purge_staged()
+
+
+class WorkerDataplane(LocalDataplane):
+    def endpoint_changed(self, peer) -> None:
+        self.device.worker.outbox.append(("endpoint", peer.queue, peer.endpoint))
+
+
+class WorkerConn:
+    """The worker's own pair of reuseport sockets (IPv4, IPv6)."""
+
+    def __init__(self, fds: list[int]):
+        self.sockets = [socket.socket(fileno=fd) for fd in fds]
+        for sock in self.sockets:
+            sock.setblocking(False)
+        self.send_errors = 0
+
+    def send(self, data: bytes, endpoint: tuple) -> None:
+        sock = self.sockets[1] if ":" in endpoint[0] else self.sockets[0]
+        try:
+            sock.sendto(data, endpoint)
+        except OSError:
+            self.send_errors += 1
+
+    def replace(self, fds: list[int]) -> None:
+        old = self.sockets
+        self.__init__(fds)
+        for sock in old:
+            sock.close()
+
+
+class WorkerTun:
+    """The TUN queues of the owned peers, by slot (= queue number)."""
+
+    def __init__(self):
+        self.fds: dict[int, int] = {}
+        self.write_errors = 0
+
+    def write(self, packet: bytes, queue: int) -> None:
+        fd = self.fds.get(queue)
+        if fd is None:
+            return
+        try:
+            os.write(fd, packet)
+        except (BlockingIOError, OSError):
+            self.write_errors += 1
+
+    def read(self, queue: int) -> bytes | None:
+        try:
+            return os.read(self.fds[queue], 65536)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+
+class Worker:
+    def __init__(self, control: socket.socket, worker_id: int, settings: dict, socket_fds):
+        self.control = control
+        self.id = worker_id
+        self.tun = WorkerTun()
+        self.conn = WorkerConn(socket_fds)
+        self.device = Device(settings["name"], None, tun=self.tun, conn=self.conn,
+                             mtu=settings["mtu"], timing=Timing.from_environment())
+        self.device.worker = self
+        self.device.actions = WorkerActions(self)
+        self.device.dataplane = WorkerDataplane(self.device)
+        self.device.source_policy = settings["source_policy"]
+        self.by_slot: dict[int, object] = {}
+        self.events: dict[int, int] = {}
+        self.outbox: list[tuple] = []
+        self.released: list[int] = []
+        self.device.index_released = self.released.append
+        self.last_request: dict[int, float] = {}
+        self.counters = {"rx_packets": 0, "tx_packets": 0, "rx_bytes": 0, "tx_bytes": 0}
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(control, selectors.EVENT_READ, ("control", None))
+        self._register_sockets()
+        self.running = True
+
+    def _register_sockets(self) -> None:
+        for sock in self.conn.sockets:
+            self.selector.register(sock, selectors.EVENT_READ, ("udp", sock))
+
+    # --- control messages ------------------------------------------------------
+
+    def handle(self, message: tuple, fds: list[int]) -> None:
+        kind, *args = message
+        getattr(self, "on_" + kind)(*args, fds=fds)
+
+    def on_peer_add(self, slot, public_key, endpoint, source_policy, state=None, fds=()):
+        peer = self.device.add_peer(public_key)
+        peer.timers = EventRecorder(self, slot)
+        peer.queue = slot
+        peer.endpoint = endpoint
+        peer.source_policy = source_policy
+        self.by_slot[slot] = peer
+        os.set_blocking(fds[0], False)
+        self.tun.fds[slot] = fds[0]
+        self.selector.register(fds[0], selectors.EVENT_READ, ("tun", slot))
+        for keypair_state, role in (state or []):
+            self._restore(peer, keypair_state, role)
+
+    def _restore(self, peer, state: dict, role: str) -> None:
+        keypair = Keypair.restore(state, peer)
+        setattr(peer.keypairs, role, keypair)
+        self.device.indices[keypair.local_index] = (peer, keypair)
+
+    def on_peer_remove(self, slot, export=False, fds=()):
+        peer = self.by_slot.pop(slot)
+        state = [(kp.export(), role) for role in ("previous", "current", "next")
+                 if (kp := getattr(peer.keypairs, role)) is not None] if export else None
+        fd = self.tun.fds.pop(slot)
+        self.selector.unregister(fd)
+        os.close(fd)
+        if export:
+            # The keypairs move with the peer: their indices stay live.
+            for kp in (peer.keypairs.previous, peer.keypairs.current, peer.keypairs.next):
+                if kp is not None:
+                    self.device.indices.pop(kp.local_index, None)
+            peer.keypairs.previous = peer.keypairs.current = peer.keypairs.next = None
+        self.device.remove_peer(peer.public_key)
+        if export:
+            self.outbox.append(("peer_state", slot, state, list(peer.staged)))
+
+    def on_keypair(self, slot, state, fds=()):
+        peer = self.by_slot.get(slot)
+        if peer is None:
+            return
+        keypair = Keypair.restore(state, peer)
+        self.device.install_keypair(peer, keypair)
+
+    def on_keepalive(self, slot, fds=()):
+        peer = self.by_slot.get(slot)
+        if peer is not None:
+            send.send_keepalive(self.device, peer)
+
+    def on_zero(self, slot, fds=()):
+        peer = self.by_slot.get(slot)
+        if peer is not None:
+            self.device.dataplane.zero_keys(peer)
+
+    def on_purge(self, slot, fds=()):
+        peer = self.by_slot.get(slot)
+        if peer is not None:
+            peer.purge_staged()
+
+    def on_endpoint(self, slot, endpoint, fds=()):
+        peer = self.by_slot.get(slot)
+        if peer is not None:
+            peer.endpoint = endpoint
+
+    def on_staged(self, slot, packets, fds=()):
+        peer = self.by_slot.get(slot)
+        for packet in packets:
+            send.packet_for_peer(self.device, peer, packet)
+
+    def on_allowedips(self, table, fds=()):
+        """The whole allowed-ips table, for the source check: prefixes of
+        peers owned by other workers map to a stand-in per slot."""
+        allowed = self.device.allowed_ips
+        allowed.clear()
+        for network, slot in table:
+            allowed.insert(ipaddress.ip_network(network), self.by_slot.get(slot, ("slot", slot)))
+
+    def on_policy(self, policy, overrides, fds=()):
+        self.device.source_policy = policy
+        for slot, override in overrides.items():
+            if slot in self.by_slot:
+                self.by_slot[slot].source_policy = override
+
+    def on_sockets(self, fds=()):
+        for sock in self.conn.sockets:
+            self.selector.unregister(sock)
+        self.conn.replace(fds)
+        self._register_sockets()
+        self.outbox.append(("sockets_done",))
+
+    def on_stats_request(self, fds=()):
+        self.outbox.append(self.stats())
+
+    def on_stop(self, fds=()):
+        self.running = False
+
+    # --- requests to the control plane ----------------------------------------------
+
+    def request_handshake(self, peer) -> None:
+        now = time.monotonic()
+        if now - self.last_request.get(peer.queue, -1e9) >= HANDSHAKE_REQUEST_INTERVAL:
+            self.last_request[peer.queue] = now
+            self.outbox.append(("need_handshake", peer.queue))
+
+    def flush(self) -> None:
+        if self.events:
+            self.outbox.append(("events", self.events))
+            self.events = {}
+        if self.released:
+            self.outbox.append(("released", self.released))
+            self.released = []
+        for message in self.outbox:
+            channel.send(self.control, message)
+        self.outbox = []
+
+    def stats(self) -> tuple:
+        """Per-peer counters since the last report (the control plane adds them up)."""
+        peers = {}
+        for slot, peer in self.by_slot.items():
+            peers[slot] = (peer.tx_bytes, peer.rx_bytes, peer.stats.tx_packets, peer.stats.rx_packets)
+            peer.tx_bytes = peer.rx_bytes = peer.stats.tx_packets = peer.stats.rx_packets = 0
+        drops = dict(self.device.drops)
+        self.device.drops.clear()
+        busy = time.process_time()
+        return ("stats", peers, drops, busy)
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        next_stats = time.monotonic() + STATS_INTERVAL
+        while self.running:
+            for key, _ in self.selector.select(STATS_INTERVAL):
+                kind, arg = key.data
+                if kind == "tun":
+                    self._drain_tun(arg)
+                elif kind == "udp":
+                    for data, source in receive_batch(arg):
+                        self.device.on_datagram(data, source)
+                else:
+                    self._drain_control()
+            if time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + STATS_INTERVAL
+                self.outbox.append(self.stats())
+            self.flush()
+
+    def _drain_tun(self, slot: int) -> None:
+        peer = self.by_slot.get(slot)
+        if peer is None:
+            return
+        for _ in range(TUN_BATCH):
+            packet = self.tun.read(slot)
+            if packet is None:
+                return
+            send.packet_for_peer(self.device, peer, packet)
+
+    def _drain_control(self) -> None:
+        while True:
+            item = channel.receive(self.control)
+            if item is None:
+                return
+            self.handle(*item)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="wgebpf-worker[%(process)d]: %(message)s")
+    # Ctrl-C reaches the whole process group: the control plane stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    control = socket.socket(fileno=int(argv[0]))
+    control.setblocking(True)
+    (kind, worker_id, settings), fds = channel.receive(control)
+    assert kind == "init", kind
+    control.setblocking(False)
+    worker = Worker(control, worker_id, settings, fds)
+    try:
+        worker.run()
+    except channel.ChannelClosed:
+        pass                       # the control plane is gone: so are we
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""The crypto worker pool, seen from the control plane.
+
+Processes, not threads: the AEAD call holds the GIL (platform.md), so only
+processes use more than one core. The control plane
+
+  - owns every file descriptor the data plane uses: the TUN queues (queue
+    0 is its own: packets no peer takes arrive there) and the UDP sockets
+    of both SO_REUSEPORT groups (position 0 is its own). Workers get dups.
+    Holding them here keeps queue numbers and socket positions stable when
+    a worker dies: the kernel renumbers both when one closes;
+  - gives each peer a slot (= its TUN queue, 1..255) and a worker, the one
+    with the fewest peers; removing a peer moves at most one other peer, with
+    its keypairs, counters and replay windows, to even the load again;
+  - runs handshakes and timers, sends each new keypair to the owning worker
+    and maps its receiver index to that worker's socket position;
+  - restarts a worker that dies; its peers' sessions died with it, so they
+    re-handshake, while every other worker's peers carry on untouched.
+
+Implements the same hooks as device.LocalDataplane.
+"""
+
+import collections
+import logging
+import os
+import select
+import selectors
+import subprocess
+import sys
+import time
+
+from . import channel, send
+from .device import DeviceError
+from .worker import (AUTH_RECEIVED, AUTH_SENT, DATA_RECEIVED, DATA_SENT, EVENT_ORDER,
+                     TRAVERSAL)
+
+log = logging.getLogger("wgebpf")
+
+MAX_SLOTS = 255          # TUN queues 1..255; queue 0 is the control plane's
+ROUND_TRIP_TIMEOUT = 1.0
+MIN_UPTIME = 2.0         # a worker that dies sooner is restarted with back-off
+MAX_BACKOFF = 8.0
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) or 1
+
+
+class WorkerHandle:
+    def __init__(self, position: int):
+        self.position = position          # its socket position, 1..N
+        self.process: subprocess.Popen | None = None
+        self.control = None
+        self.slots: set[int] = set()
+        self.restarts = 0
+        self.started = 0.0
+        self.backoff = 0.0
+        self.restart_timer = None
+        self.busy_seconds = 0.0
+        self.packets = collections.Counter()
+
+
+class WorkerPool:
+    def __init__(self, device, tun, conn, count: int, classifier=None, reuseport=None,
+                 selector=None):
+        self.device = device
+        self.tun = tun
+        self.conn = conn
+        self.classifier = classifier
+        self.reuseport = reuseport
+        self.selector = selector
+        self.workers = [WorkerHandle(k) for k in range(1, count + 1)]
+        self.peer_by_slot: dict[int, object] = {}
+        self.worker_of: dict[int, WorkerHandle] = {}
+        self.pending_moves: dict[int, WorkerHandle] = {}
+        self.stopping = False
+
+    # --- worker processes ---------------------------------------------------------
+
+    def start(self) -> None:
+        for worker in self.workers:
+            self._spawn(worker)
+
+    def _settings(self) -> dict:
+        return {"name": self.device.name, "mtu": self.device.mtu,
+                "source_policy": self.device.source_policy}
+
+    def _spawn(self, worker: WorkerHandle) -> None:
+        ours, theirs = channel.pair()
+        worker.process = subprocess.Popen(
+            [sys.executable, "-m", "wgebpf.worker", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], close_fds=True)
+        theirs.close()
+        worker.started = time.monotonic()
+        worker.control = ours
+        channel.send(ours, ("init", worker.position, self._settings()),
+                     [s.fileno() for s in self.conn.position(worker.position)])
+        ours.setblocking(False)
+        if self.selector is not None:
+            self.selector.register(ours, selectors.EVENT_READ, ("worker", worker))
+        for slot in sorted(worker.slots):
+            self._send_peer(worker, self.peer_by_slot[slot])
+        self._send_allowed_ips(worker)
+
+    def _send(self, worker: WorkerHandle, message: tuple, fds=()) -> None:
+        if worker.control is None:
+            return                  # not started yet: _spawn sends it everything
+        try:
+            channel.send(worker.control, message, fds)
+        except (channel.ChannelClosed, OSError):
+            pass        # it died: the selector sees EOF and restarts it
+
+    def stop(self) -> None:
+        self.stopping = True
+        for worker in self.workers:
+            if worker.process is None:
+                continue
+            self._send(worker, ("stop",))
+        for worker in self.workers:
+            if worker.process is None:
+                continue
+            try:
+                worker.process.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+            self._close_control(worker)
+
+    def _close_control(self, worker: WorkerHandle) -> None:
+        if worker.control is not None:
+            if self.selector is not None:
+                try:
+                    self.selector.unregister(worker.control)
+                except (KeyError, ValueError):
+                    pass
+            worker.control.close()
+            worker.control = None
+
+    def worker_died(self, worker: WorkerHandle) -> None:
+        """Restart it; its peers' sessions are lost, so they re-handshake."""
+        if self.stopping:
+            return
+        code = worker.process.poll() if worker.process else None
+        if code is None and worker.process is not None:
+            worker.process.kill()
+            code = worker.process.wait()
+        log.warning("%s: worker %d exited (%s); restarting it", self.device.name,
+                    worker.position, code)
+        self._close_control(worker)
+        worker.restarts += 1
+        for slot in worker.slots:
+            self._forget_sessions(self.peer_by_slot[slot])
+        # A worker that keeps dying at once must not spin the control plane.
+        quick = time.monotonic() - worker.started < MIN_UPTIME
+        worker.backoff = min(max(worker.backoff * 2, 0.25), MAX_BACKOFF) if quick else 0.0
+        if worker.backoff:
+            worker.restart_timer = self.device.scheduler.timer(lambda: self._restart(worker))
+            worker.restart_timer.mod(worker.backoff)
+        else:
+            self._restart(worker)
+
+    def _restart(self, worker: WorkerHandle) -> None:
+        if self.stopping:
+            return
+        self._spawn(worker)
+        for slot in worker.slots:
+            peer = self.peer_by_slot[slot]
+            peer.last_sent_handshake = -1e18
+            send.send_handshake_initiation(self.device, peer, retry=False)
+
+    def _forget_sessions(self, peer) -> None:
+        for index, (owner, thing) in list(self.device.indices.items()):
+            if owner is peer and thing is not peer.handshake:
+                del self.device.indices[index]
+                if self.reuseport is not None:
+                    self.reuseport.remove_index(index)
+
+    # --- peers, slots and balance ---------------------------------------------------
+
+    def _free_slot(self) -> int:
+        for slot in range(1, MAX_SLOTS + 1):
+            if slot not in self.peer_by_slot:
+                return slot
+        raise DeviceError(f"at most {MAX_SLOTS} peers: a TUN device has at most 256 queues "
+                          "and queue 0 belongs to the control plane")
+
+    def _least_loaded(self) -> WorkerHandle:
+        return min(self.workers, key=lambda w: (len(w.slots), w.position))
+
+    def _queue_fd(self, slot: int) -> int:
+        while len(self.tun.fds) <= slot:
+            self.tun.add_queue()
+        if self.classifier is not None:
+            self.classifier.set_queue_count(len(self.tun.fds))
+        return self.tun.fds[slot]
+
+    def _send_peer(self, worker: WorkerHandle, peer, state=None) -> None:
+        self._send(worker, ("peer_add", peer.queue, peer.public_key, peer.endpoint,
+                            peer.source_policy, state), [self._queue_fd(peer.queue)])
+
+    def peer_added(self, peer) -> None:
+        slot = self._free_slot()
+        peer.queue = slot
+        self.peer_by_slot[slot] = peer
+        worker = self._least_loaded()
+        worker.slots.add(slot)
+        self.worker_of[slot] = worker
+        if worker.control is not None:
+            self._send_peer(worker, peer)
+
+    def peer_removed(self, peer) -> None:
+        slot = peer.queue
+        worker = self.worker_of.pop(slot, None)
+        self.peer_by_slot.pop(slot, None)
+        if self.classifier is not None:
+            self.classifier.remove_peer(slot)
+        if worker is not None:
+            worker.slots.discard(slot)
+            if worker.control is not None:
+                self._send(worker, ("peer_remove", slot, False))
+        self._forget_sessions(peer)
+        self.rebalance()
+
+    def rebalance(self) -> None:
+        """Even out the load by moving one peer (with its sessions) if the
+        busiest worker has two more peers than the idlest."""
+        busiest = max(self.workers, key=lambda w: len(w.slots))
+        idlest = self._least_loaded()
+        if len(busiest.slots) - len(idlest.slots) < 2 or self.pending_moves:
+            return
+        slot = max(busiest.slots)
+        busiest.slots.discard(slot)
+        self.pending_moves[slot] = idlest
+        self._send(busiest, ("peer_remove", slot, True))
+
+    def _peer_state(self, worker: WorkerHandle, slot: int, state, staged) -> None:
+        target = self.pending_moves.pop(slot, None)
+        peer = self.peer_by_slot.get(slot)
+        if target is None or peer is None:
+            return
+        target.slots.add(slot)
+        self.worker_of[slot] = target
+        self._send_peer(target, peer, state)
+        if self.reuseport is not None:
+            for keypair_state, _ in state or []:
+                self.reuseport.set_index(keypair_state["local_index"], target.position)
+        if staged:
+            self._send(target, ("staged", slot, staged))
+        self._send_allowed_ips(target)
+        log.info("%s: moved peer slot %d from worker %d to worker %d", self.device.name,
+                 slot, worker.position, target.position)
+
+    def allowed_ips_changed(self) -> None:
+        if self.classifier is not None:
+            for slot, peer in self.peer_by_slot.items():
+                self.classifier.set_peer(slot, self.device.allowed_ips_of(peer))
+        for worker in self.workers:
+            if worker.control is not None:
+                self._send_allowed_ips(worker)
+
+    def _send_allowed_ips(self, worker: WorkerHandle) -> None:
+        table = [(str(network), peer.queue) for network, peer in self.device.allowed_ips]
+        self._send(worker, ("allowedips", table))
+
+    def policy_changed(self) -> None:
+        overrides = {slot: peer.source_policy for slot, peer in self.peer_by_slot.items()}
+        for worker in self.workers:
+            self._send(worker, ("policy", self.device.source_policy, overrides))
+
+    def sockets_changed(self) -> None:
+        """New listen port: hand out the new sockets and wait until every
+        worker has closed its old ones (so the old port is free on return)."""
+        self._round_trip(lambda worker: ("sockets",), "sockets_done",
+                         lambda worker: [s.fileno() for s in self.conn.position(worker.position)])
+
+    # --- the hooks the protocol code calls -------------------------------------------
+
+    def install_keypair(self, peer, keypair) -> None:
+        worker = self.worker_of.get(peer.queue)
+        if worker is None:
+            return
+        if self.reuseport is not None:
+            self.reuseport.set_index(keypair.local_index, worker.position)
+        self._send(worker, ("keypair", peer.queue, keypair.export()))
+        keypair.zero()      # the worker's copy is the only live one
+
+    def send_keepalive(self, peer) -> None:
+        self._to_owner(peer, ("keepalive", peer.queue))
+
+    def zero_keys(self, peer) -> None:
+        self._to_owner(peer, ("zero", peer.queue))
+
+    def endpoint_changed(self, peer) -> None:
+        self._to_owner(peer, ("endpoint", peer.queue, peer.endpoint))
+
+    def purge_staged(self, peer) -> None:
+        self._to_owner(peer, ("purge", peer.queue))
+
+    def _to_owner(self, peer, message: tuple) -> None:
+        worker = self.worker_of.get(peer.queue)
+        if worker is not None and worker.control is not None:
+            self._send(worker, message)
+
+    # --- what workers tell us ---------------------------------------------------------
+
+    def on_readable(self, worker: WorkerHandle) -> str | None:
+        """Handle what the worker sent; returns the last message kind."""
+        last = None
+        try:
+            while True:
+                item = channel.receive(worker.control)
+                if item is None:
+                    return last
+                (kind, *args), _ = item
+                getattr(self, "_on_" + kind)(worker, *args)
+                last = kind
+        except channel.ChannelClosed:
+            self.worker_died(worker)
+        return last
+
+    def refresh(self) -> None:
+        """Fetch every worker's counters now (the UAPI's `get` must not show
+        numbers half a second old)."""
+        self._round_trip(lambda worker: ("stats_request",), "stats")
+
+    def _round_trip(self, message, reply: str, fds=lambda worker: (),
+                    timeout: float = ROUND_TRIP_TIMEOUT) -> None:
+        """Send each live worker a message and wait for its reply. Called
+        with the device lock held, so the main loop is not reading the
+        channels meanwhile; other messages are handled as they come."""
+        live = [w for w in self.workers if w.control is not None]
+        for worker in live:
+            self._send(worker, message(worker), fds(worker))
+        deadline = time.monotonic() + timeout
+        for worker in live:
+            while worker.control is not None and time.monotonic() < deadline:
+                ready = select.select([worker.control], [], [], deadline - time.monotonic())[0]
+                if ready and self.on_readable(worker) == reply:
+                    break
+
+    def _peer(self, slot: int):
+        return self.peer_by_slot.get(slot)
+
+    def _on_events(self, worker, events: dict) -> None:
+        for slot, flags in events.items():
+            peer = self._peer(slot)
+            if peer is None:
+                continue
+            timers = peer.timers
+            for bit in EVENT_ORDER:
+                if flags & bit:
+                    HOOKS[bit](timers)
+
+    def _on_need_handshake(self, worker, slot: int) -> None:
+        peer = self._peer(slot)
+        if peer is not None:
+            send.send_handshake_initiation(self.device, peer, retry=False)
+
+    def _on_confirmed(self, worker, slot: int) -> None:
+        peer = self._peer(slot)
+        if peer is not None:
+            peer.stats.handshakes_completed += 1
+            peer.timers.handshake_complete()
+
+    def _on_endpoint(self, worker, slot: int, endpoint) -> None:
+        peer = self._peer(slot)
+        if peer is not None:
+            peer.endpoint = endpoint          # not set_endpoint: no echo back
+
+    def _on_released(self, worker, indices: list) -> None:
+        for index in indices:
+            entry = self.device.indices.get(index)
+            if entry is not None and entry[1] is not entry[0].handshake:
+                del self.device.indices[index]
+            if self.reuseport is not None:
+                self.reuseport.remove_index(index)
+
+    def _on_sockets_done(self, worker) -> None:
+        pass
+
+    def _on_peer_state(self, worker, slot: int, state, staged) -> None:
+        self._peer_state(worker, slot, state, staged)
+
+    def _on_stats(self, worker, peers: dict, drops: dict, busy: float) -> None:
+        for slot, (tx_bytes, rx_bytes, tx_packets, rx_packets) in peers.items():
+            peer = self._peer(slot)
+            if peer is None:
+                continue
+            peer.tx_bytes += tx_bytes
+            peer.rx_bytes += rx_bytes
+            peer.stats.tx_packets += tx_packets
+            peer.stats.rx_packets += rx_packets
+            worker.packets[slot] += tx_packets + rx_packets
+        self.device.drops.update(drops)
+        worker.busy_seconds = busy
+
+    # --- status ---------------------------------------------------------------------
+
+    def status(self) -> list[dict]:
+        return [{"worker": w.position, "pid": w.process.pid if w.process else None,
+                 "peers": sorted(w.slots), "restarts": w.restarts,
+                 "busy_seconds": w.busy_seconds,
+                 "packets_by_slot": dict(w.packets)} for w in self.workers]
+
+
+HOOKS = {
+    AUTH_RECEIVED: lambda t: t.any_authenticated_packet_received(),
+    DATA_RECEIVED: lambda t: t.data_received(),
+    AUTH_SENT: lambda t: t.any_authenticated_packet_sent(),
+    DATA_SENT: lambda t: t.data_sent(),
+    TRAVERSAL: lambda t: t.any_authenticated_packet_traversal(),
+}
