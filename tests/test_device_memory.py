@@ -225,3 +225,11 @@ def test_simultaneous_initiations_converge():
     b.device.on_tun_packet(ipv4_packet("198.51.100.2", "198.51.100.1"))
     network.pump()
     assert len(a.tun.received) >= 1 and len(b.tun.received) >= 1
+
+
+def test_multicast_without_peer_is_dropped_silently():
+    clock, network, a, b = pair()
+    a.device.on_tun_packet(ipv6_packet("fe80::1", "ff02::16"))
+    a.device.on_tun_packet(ipv4_packet("198.51.100.1", "224.0.0.22"))
+    assert a.tun.received == [] and a.device.drops["multicast"] == 2
+    assert a.device.drops["no_peer"] == 0

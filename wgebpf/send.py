@@ -46,6 +46,12 @@ def destination_of(packet: bytes) -> bytes | None:
     return None
 
 
+def is_multicast(address: bytes) -> bool:
+    if len(address) == 4:
+        return 224 <= address[0] <= 239 or address == b"\xff\xff\xff\xff"
+    return address[0] == 0xFF
+
+
 def select_peer(device, packet: bytes):
     """The peer that carries an outgoing packet: longest match of its
     destination in the peers' allowed-ips (classic WireGuard)."""
@@ -65,8 +71,14 @@ def packet_from_tun(device, packet: bytes) -> None:
 
 def no_peer(device, packet: bytes) -> None:
     """Drop, count, and tell the sender (ICMP destination unreachable)."""
-    if destination_of(packet) is None:
+    destination = destination_of(packet)
+    if destination is None:
         device.drops["malformed_outgoing"] += 1
+        return
+    if is_multicast(destination):
+        # The kernel's own multicast (IPv6 MLD, say): no peer is expected
+        # to take it, and no ICMP error may answer it (RFC 1812, RFC 4443).
+        device.drops["multicast"] += 1
         return
     device.drops["no_peer"] += 1
     reply = icmp.unreachable(device, packet)
