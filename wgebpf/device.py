@@ -20,6 +20,7 @@ from .messages import HANDSHAKES_PER_SECOND_UNDER_LOAD, MAX_PEERS, UNDER_LOAD_AF
 from .noise import StaticIdentity
 from .peer import Peer
 from .ratelimiter import RateLimiter
+from .histogram import HANDSHAKE_DURATION_BUCKETS, Histogram
 from .scheduler import Clock, Scheduler
 from .timers import Timing
 
@@ -47,6 +48,7 @@ class _Actions:
 
     def handshake_gave_up(self, peer) -> None:
         peer.stats.handshakes_failed += 1
+        peer.handshake_started = None
         self.device.dataplane.purge_staged(peer)
 
 
@@ -119,6 +121,7 @@ class Device:
         self._handshake_times: collections.deque = collections.deque()
         self._last_under_load = -1e18
         self.drops: collections.Counter = collections.Counter()
+        self.handshake_durations = Histogram(HANDSHAKE_DURATION_BUCKETS)
         self.lock = threading.RLock()
 
     # --- identity and socket settings -------------------------------------------

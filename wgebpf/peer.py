@@ -38,6 +38,8 @@ class Peer:
         self.rx_bytes = 0
         self.last_handshake_time = 0.0          # wall clock, 0 = never
         self.last_sent_handshake = -1e18        # monotonic
+        self.handshake_started: float | None = None   # first initiation of this attempt
+        self.keypair_installed_at: float | None = None
         self.sent_lastminute_handshake = False
         self.stats = PeerStats()
         self.timers = Timers(self, device.scheduler, device.actions, device.timing)

@@ -93,6 +93,10 @@ def handle_response(device, data: bytes, source: tuple) -> None:
     peer.set_endpoint(source)
     peer.sent_lastminute_handshake = False
     peer.stats.handshakes_completed += 1
+    peer.keypair_installed_at = device.clock.monotonic()
+    if peer.handshake_started is not None:
+        device.handshake_durations.observe(peer.keypair_installed_at - peer.handshake_started)
+        peer.handshake_started = None
     peer.timers.any_authenticated_packet_received()
     peer.timers.any_authenticated_packet_traversal()
     peer.timers.session_derived()

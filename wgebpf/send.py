@@ -190,6 +190,8 @@ def send_handshake_initiation(device, peer, retry: bool) -> None:
         log.warning("%s: cannot create handshake initiation for %s: %s", device.name, peer, exc)
         return
     peer.last_sent_handshake = now
+    if peer.handshake_started is None:
+        peer.handshake_started = now      # for the handshake-duration histogram
     peer.cookie.add_macs(message)
     peer.stats.handshakes_sent += 1
     peer.timers.any_authenticated_packet_traversal()
@@ -207,6 +209,7 @@ def send_handshake_response(device, peer) -> None:
         raise
     peer.cookie.add_macs(message)
     keypair = begin_session(peer.handshake, index, device.clock.monotonic(), peer)
+    peer.keypair_installed_at = keypair.birthdate
     device.install_keypair(peer, keypair)
     peer.timers.session_derived()
     peer.timers.any_authenticated_packet_traversal()

@@ -13,6 +13,7 @@ def _b64(key: bytes) -> str:
 
 def collect(device, pool=None, classifier=None) -> dict:
     worker_of = pool.worker_of if pool is not None else {}
+    now = device.clock.monotonic()
     peers = {}
     for key, peer in device.peers.items():
         stats = peer.stats
@@ -26,6 +27,8 @@ def collect(device, pool=None, classifier=None) -> dict:
             "handshakes_failed": stats.handshakes_failed,
             "handshakes_sent": stats.handshakes_sent,
             "last_handshake_time": peer.last_handshake_time,
+            "keypair_age_seconds": (now - peer.keypair_installed_at
+                                    if peer.keypair_installed_at is not None else None),
             "source_policy": peer.source_policy or device.source_policy,
         }
     status = {
@@ -35,6 +38,7 @@ def collect(device, pool=None, classifier=None) -> dict:
         "listen_port": device.listen_port,
         "peers": peers,
         "drops": dict(device.drops),
+        "handshake_duration_seconds": device.handshake_durations.snapshot(),
         "workers": pool.status() if pool is not None else [],
     }
     if classifier is not None:

@@ -305,7 +305,8 @@ class Worker:
         drops = dict(self.device.drops)
         self.device.drops.clear()
         busy = time.process_time()
-        return ("stats", peers, drops, busy)
+        depth = sum(len(peer.staged) for peer in self.by_slot.values())
+        return ("stats", peers, drops, busy, depth)
 
     # --- the loop ---------------------------------------------------------------------
 

@@ -57,6 +57,9 @@ class WorkerHandle:
         self.restart_timer = None
         self.busy_seconds = 0.0
         self.packets = collections.Counter()
+        self.traffic = collections.Counter()
+        self.busy_before_restart = 0.0
+        self.queue_depth = 0
 
 
 class WorkerPool:
@@ -147,6 +150,7 @@ class WorkerPool:
                     worker.position, code)
         self._close_control(worker)
         worker.restarts += 1
+        worker.busy_before_restart = worker.busy_seconds
         for slot in worker.slots:
             self._forget_sessions(self.peer_by_slot[slot])
         # A worker that keeps dying at once must not spin the control plane.
@@ -380,8 +384,12 @@ class WorkerPool:
     def _on_peer_state(self, worker, slot: int, state, staged) -> None:
         self._peer_state(worker, slot, state, staged)
 
-    def _on_stats(self, worker, peers: dict, drops: dict, busy: float) -> None:
+    def _on_stats(self, worker, peers: dict, drops: dict, busy: float, depth: int) -> None:
         for slot, (tx_bytes, rx_bytes, tx_packets, rx_packets) in peers.items():
+            worker.traffic["tx_bytes"] += tx_bytes
+            worker.traffic["rx_bytes"] += rx_bytes
+            worker.traffic["tx_packets"] += tx_packets
+            worker.traffic["rx_packets"] += rx_packets
             peer = self._peer(slot)
             if peer is None:
                 continue
@@ -391,14 +399,16 @@ class WorkerPool:
             peer.stats.rx_packets += rx_packets
             worker.packets[slot] += tx_packets + rx_packets
         self.device.drops.update(drops)
-        worker.busy_seconds = busy
+        worker.busy_seconds = worker.busy_before_restart + busy
+        worker.queue_depth = depth
 
     # --- status ---------------------------------------------------------------------
 
     def status(self) -> list[dict]:
         return [{"worker": w.position, "pid": w.process.pid if w.process else None,
                  "peers": sorted(w.slots), "restarts": w.restarts,
-                 "busy_seconds": w.busy_seconds,
+                 "busy_seconds": w.busy_seconds, "queue_depth": w.queue_depth,
+                 **dict(w.traffic), "alive": w.control is not None,
                  "packets_by_slot": dict(w.packets)} for w in self.workers]
 
 
