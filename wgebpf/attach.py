@@ -81,6 +81,7 @@ class Attachment:
         self.config = config
         self.name = name
         self.pool = None
+        self.metrics = None
         self.classifier = self.steering = self.reuseport = None
         self.tun = None
         self.conn = None
@@ -130,6 +131,7 @@ class Attachment:
         self.state.socket_path = self.uapi.path
         self.state.save()
         self._add_routes()
+        self._start_metrics()
         link.run_hooks(iface.post_up, self.name)
         self._register()
 
@@ -151,6 +153,19 @@ class Attachment:
         self.steering = TunSteering(self.tun, self.classifier)
         self.steering.attach()
         self.reuseport = ReuseportSteering()
+
+    def _start_metrics(self) -> None:
+        address = self.config.interface.metrics
+        if not address:
+            return
+        from .metrics import MetricsServer
+        def snapshot() -> dict:
+            with self.device.lock:
+                return status.snapshot(self.device, self.pool, self.classifier)
+        compat = getattr(self.config.interface, "metrics_compat", False)
+        self.metrics = MetricsServer(address, snapshot, compat=compat)
+        self.metrics.start()
+        log.info("%s: metrics on http://%s/metrics", self.name, address)
 
     def _sockets_changed(self) -> None:
         self._register_sockets()
@@ -240,6 +255,7 @@ class Attachment:
         steps = [
             ("PreDown hooks", lambda: link.run_hooks(iface.pre_down, self.name)),
             ("UAPI socket", lambda: self.uapi and self.uapi.stop()),
+            ("metrics", lambda: self.metrics and self.metrics.stop()),
             ("workers", lambda: self.pool and self.pool.stop()),
             ("device", lambda: self.device and self.device.close()),
             ("classifier", lambda: self.classifier and self.classifier.close()),

@@ -26,12 +26,17 @@ def attach(
     underlay: str = typer.Argument(..., help="the interface WireGuard's UDP runs over, e.g. eth0"),
     config: str = typer.Option(..., "--config", "-c", help="wg-quick style config file"),
     name: str = typer.Option("wgebpf0", "--name", "-n", help="the WireGuard interface to create"),
+    metrics: str = typer.Option(None, "--metrics", metavar="ADDR:PORT",
+                                help="serve Prometheus metrics here (overrides the config's Metrics)"),
+    metrics_compat: bool = typer.Option(False, "--metrics-compat",
+                                        help="also expose wireguard_* names that community "
+                                             "WireGuard dashboards query"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
 ):
     """Create interface NAME from CONFIG, carry traffic over UNDERLAY until
     SIGINT/SIGTERM, then remove everything created.
 
-    Example: wgebpf attach eth0 --config wg0.conf --name wg0
+    Example: wgebpf attach eth0 --config wg0.conf --name wg0 --metrics 127.0.0.1:9586
     """
     from .attach import AttachError, attach as run_attach
     from .config import ConfigError, load
@@ -42,6 +47,14 @@ def attach(
         cfg = load(config)
     except ConfigError as exc:
         fail(str(exc), 2)
+    if metrics is not None:
+        from .config import _metrics as check_metrics
+        try:
+            cfg.interface.metrics = check_metrics(metrics)
+        except ValueError as exc:
+            fail(f"--metrics: {exc}", 2)
+    if metrics_compat:
+        cfg.interface.metrics_compat = True
     if os.geteuid() != 0:
         fail("attach needs root (CAP_NET_ADMIN)")
     try:

@@ -48,9 +48,15 @@ def collect(device, pool=None, classifier=None) -> dict:
     return status
 
 
+def snapshot(device, pool=None, classifier=None) -> dict:
+    """Fresh numbers: the workers are asked for theirs first. Call with
+    the device lock held."""
+    if pool is not None:
+        pool.refresh()
+    return collect(device, pool, classifier)
+
+
 def handler(device, pool=None, classifier=None):
     def wgebpf_status(body: list[str]):
-        if pool is not None:
-            pool.refresh()
-        return json.dumps(collect(device, pool, classifier), sort_keys=True), 0
+        return json.dumps(snapshot(device, pool, classifier), sort_keys=True), 0
     return wgebpf_status
