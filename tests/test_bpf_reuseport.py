@@ -9,14 +9,10 @@ receive it.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import secrets
 import select
 import socket
 import struct
-import subprocess
-from contextlib import contextmanager
 
 import pytest
 
@@ -27,43 +23,7 @@ pytestmark = pytest.mark.netns
 
 INDEX_W1, INDEX_W2, INDEX_UNKNOWN = 0x1A2B3C4D, 0xFFFFFFF0, 0x00000007
 
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextmanager
-def _inside(ns: str):
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
-        os.close(target)
-
-
-@pytest.fixture
-def netns(root):
-    """Function scope; needs root. A fresh namespace (lo up) the test's
-    thread is in; always deleted."""
-    name = f"wgebpf-rp-{os.getpid()}-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        with _inside(name):
-            subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-            yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+from nsutil import fresh_netns  # noqa: F401  (the netns fixture)
 
 
 @pytest.fixture

@@ -8,19 +8,14 @@ network namespace (the test thread enters it with setns); RUN_DIR and
 SOCKET_DIR point into tmp_path.
 """
 
-import ctypes
-import errno
 import json
 import os
 import secrets
-import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import textwrap
-from contextlib import contextmanager
 
 import pytest
 from pyroute2 import IPRoute
@@ -29,44 +24,8 @@ from wgebpf import link, state
 from wgebpf.state import RuntimeState, StateError, detach, is_attach_cmdline
 from wgebpf.tun import Tun
 
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextmanager
-def _inside(ns: str):
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
-        os.close(target)
-
-
-@pytest.fixture
-def netns():
-    """Function scope; needs root and iproute2. Yields the name of a fresh
-    namespace that the test's thread is inside of, with lo up; always deleted."""
-    name = f"wgebpf-t-{os.getpid()}-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        with _inside(name):
-            subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-            assert _sh("ip -o link show").count("\n") == 1, "not in a fresh namespace"
-            yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+from nsutil import (BPF_PROG_TYPE_SCHED_CLS, BPF_PROG_TYPE_XDP, fresh_netns,  # noqa: F401
+                    load_const_prog as _load_const_prog, sh as _sh)
 
 
 @pytest.fixture
@@ -80,9 +39,6 @@ def dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("WGEBPF_TEST_SOCKET_DIR", str(sock))
     return run, sock
 
-
-def _sh(cmd: str) -> str:
-    return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
 
 
 def _ifname() -> str:
@@ -99,31 +55,6 @@ def _dead_pid() -> int:
     return p.pid
 
 
-# --- a minimal eBPF loader: `r0 = ret; exit` ------------------------------------
-_SYS_bpf = 321
-BPF_PROG_LOAD, BPF_OBJ_GET_INFO_BY_FD = 5, 15
-BPF_PROG_TYPE_SCHED_CLS, BPF_PROG_TYPE_XDP = 3, 6
-
-
-def _bpf(cmd: int, attr: ctypes.Array) -> int:
-    ret = _libc.syscall(_SYS_bpf, cmd, attr, len(attr))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return ret
-
-
-def _load_const_prog(prog_type: int, ret: int) -> tuple[int, int]:
-    """(fd, prog id) of a program that returns `ret`."""
-    insns = ctypes.create_string_buffer(struct.pack("<BBhi", 0xB7, 0, 0, ret)
-                                        + struct.pack("<BBhi", 0x95, 0, 0, 0))
-    lic = ctypes.create_string_buffer(b"GPL")
-    fd = _bpf(BPF_PROG_LOAD, ctypes.create_string_buffer(
-        struct.pack("<IIQQ", prog_type, 2, ctypes.addressof(insns), ctypes.addressof(lic)), 128))
-    info = ctypes.create_string_buffer(256)
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, ctypes.create_string_buffer(
-        struct.pack("<IIQ", fd, 256, ctypes.addressof(info)), 16))
-    return fd, struct.unpack_from("<I", info.raw, 4)[0]
 
 
 # --- save / load ----------------------------------------------------------------

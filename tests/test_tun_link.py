@@ -6,7 +6,6 @@ test (pyroute2, ioctls, /proc/sys, subprocesses it starts) sees only that
 namespace.
 """
 
-import ctypes
 import errno
 import fcntl
 import ipaddress
@@ -16,59 +15,17 @@ import secrets
 import select
 import socket
 import struct
-import subprocess
 import time
-from contextlib import contextmanager
 
 import pytest
 
 from wgebpf import link
 from wgebpf.link import HookError, LinkError, RouteRecord
+from wgebpf.icmp import checksum as _checksum
 from wgebpf.tun import MAX_QUEUES, Tun, TunError
 
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
+from nsutil import BPF_PROG_TYPE_SOCKET_FILTER, fresh_netns, load_const_prog, sh as _sh  # noqa: F401
 
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextmanager
-def _inside(ns: str):
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
-        os.close(target)
-
-
-@pytest.fixture
-def netns():
-    """Function scope; needs root and iproute2. Yields the name of a fresh
-    namespace that the test's thread is inside of, with lo up; always deleted."""
-    name = f"wgebpf-t-{os.getpid()}-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        with _inside(name):
-            subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-            # Guard: never run these tests against the root namespace.
-            assert _sh("ip -o link show").count("\n") == 1, "not in a fresh namespace"
-            yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-def _sh(cmd: str) -> str:
-    return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
 
 
 def _ifname() -> str:
@@ -102,15 +59,6 @@ def _is_udp(packet: bytes) -> bool:
     return packet[9] == 17 if packet[0] >> 4 == 4 else packet[6] == 17
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def _udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
     """An IPv4 or IPv6 UDP packet with valid checksums (IPv6 requires one)."""
     s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
@@ -142,23 +90,6 @@ def _parse_udp(packet: bytes) -> tuple[str, str, bytes]:
             packet[48:])
 
 
-# A minimal eBPF loader: `r0 = ret; exit`, enough to test the steering ioctl.
-_SYS_bpf = 321
-BPF_PROG_LOAD = 5
-BPF_PROG_TYPE_SOCKET_FILTER = 1
-
-
-def _load_const_prog(prog_type: int, ret: int) -> int:
-    insns = ctypes.create_string_buffer(struct.pack("<BBhi", 0xB7, 0, 0, ret)
-                                        + struct.pack("<BBhi", 0x95, 0, 0, 0))
-    lic = ctypes.create_string_buffer(b"GPL")
-    attr = ctypes.create_string_buffer(
-        struct.pack("<IIQQ", prog_type, 2, ctypes.addressof(insns), ctypes.addressof(lic)), 128)
-    fd = _libc.syscall(_SYS_bpf, BPF_PROG_LOAD, attr, 128)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return fd
 
 
 ADDRS = [ipaddress.ip_interface("192.0.2.1/24"), ipaddress.ip_interface("2001:db8::1/64")]
@@ -272,7 +203,7 @@ def test_tun_to_kernel(tun, src, dst, queue):
 @pytest.mark.netns
 def test_steering_program_picks_the_queue(tun):
     link.add_routes(tun.name, ["198.51.100.0/24"], "auto")
-    prog = _load_const_prog(BPF_PROG_TYPE_SOCKET_FILTER, 2)
+    prog, _ = load_const_prog(BPF_PROG_TYPE_SOCKET_FILTER, 2)
     try:
         tun.set_steering_program(prog)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

@@ -7,13 +7,11 @@ programs and nftables tables) is created, and updated as each is added, so
 `wgebpf detach NAME` can always find and remove them.
 """
 
-import ipaddress
 import logging
 import os
 import selectors
 import signal
 import socket
-import sys
 
 from . import link, send, status
 from .config import Config

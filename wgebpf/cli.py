@@ -1,6 +1,5 @@
 """The `wgebpf` command line."""
 
-import base64
 import logging
 import os
 import sys

@@ -25,7 +25,7 @@ from . import send
 from .cookie import MacState
 from .crypto import aead_nonce
 from .messages import (DATA_HEADER, MESSAGE_DATA, MESSAGE_HANDSHAKE_COOKIE,
-                       MESSAGE_HANDSHAKE_INITIATION, MESSAGE_HANDSHAKE_RESPONSE,
+                       MESSAGE_HANDSHAKE_INITIATION,
                        is_well_formed, message_type)
 from .noise import HandshakeError, begin_session, consume_initiation, consume_response
 
