@@ -4,7 +4,9 @@ reason, eBPF counters, traffic per next hop — as JSON over the UAPI socket
 """
 
 import base64
+import ipaddress
 import json
+import socket
 
 
 def _b64(key: bytes) -> str:
@@ -30,6 +32,9 @@ def collect(device, pool=None, classifier=None) -> dict:
             "keypair_age_seconds": (now - peer.keypair_installed_at
                                     if peer.keypair_installed_at is not None else None),
             "source_policy": peer.source_policy or device.source_policy,
+            "allowed_ips": [str(n) for n in device.allowed_ips_of(peer)],
+            "drops": {"source_policy": stats.dishonest_source,
+                      "no_session": stats.dropped_staged},
         }
     status = {
         "interface": device.name,
@@ -37,15 +42,37 @@ def collect(device, pool=None, classifier=None) -> dict:
         "source_policy": device.source_policy,
         "listen_port": device.listen_port,
         "peers": peers,
-        "drops": dict(device.drops),
+        "drops": {**dict(device.drops), **tun_queue_drops(device.name)},
         "handshake_duration_seconds": device.handshake_durations.snapshot(),
         "workers": pool.status() if pool is not None else [],
     }
     if classifier is not None:
         status["classifier"] = classifier.counters()
-        status["nexthops"] = {str(ip): {"packets": p, "bytes": b}
+        status["nexthops"] = {str(ip): {"packets": p, "bytes": b,
+                                        "public_key": _holder(device, ip)}
                               for ip, (p, b) in classifier.nexthop_counters().items()}
     return status
+
+
+def _holder(device, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """The public key of the peer whose AllowedIPs hold a next hop now."""
+    peer = device.allowed_ips.lookup(address)
+    return _b64(peer.public_key) if peer is not None else None
+
+
+def tun_queue_drops(name: str) -> dict:
+    """{"queue_full": n}: what the kernel dropped on the way into the TUN
+    queues (a worker fell behind), from the interface's tx_dropped. Read
+    only if /sys shows our own namespace's interface; {} otherwise."""
+    base = f"/sys/class/net/{name}"
+    try:
+        with open(f"{base}/ifindex") as f:
+            if int(f.read()) != socket.if_nametoindex(name):
+                return {}
+        with open(f"{base}/statistics/tx_dropped") as f:
+            return {"queue_full": int(f.read())}
+    except (OSError, ValueError):
+        return {}
 
 
 def snapshot(device, pool=None, classifier=None) -> dict:

@@ -306,7 +306,24 @@ class Worker:
         self.device.drops.clear()
         busy = time.process_time()
         depth = sum(len(peer.staged) for peer in self.by_slot.values())
-        return ("stats", peers, drops, busy, depth)
+        return ("stats", peers, drops, busy, depth, self._peer_drops(drops))
+
+    def _peer_drops(self, drops: dict) -> dict:
+        """Drops whose peer is known, since the last report; adds the ones
+        only a worker sees (send and TUN write errors) to `drops`."""
+        out = {}
+        for slot, peer in self.by_slot.items():
+            counts = {"source_policy": peer.stats.dishonest_source,
+                      "no_session": peer.stats.dropped_staged}
+            peer.stats.dishonest_source = peer.stats.dropped_staged = 0
+            if any(counts.values()):
+                out[slot] = counts
+        for reason, holder, attr in (("udp_send_failed", self.conn, "send_errors"),
+                                     ("tun_write_failed", self.tun, "write_errors")):
+            if getattr(holder, attr):
+                drops[reason] = drops.get(reason, 0) + getattr(holder, attr)
+                setattr(holder, attr, 0)
+        return out
 
     # --- the loop ---------------------------------------------------------------------
 

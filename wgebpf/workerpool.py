@@ -384,7 +384,8 @@ class WorkerPool:
     def _on_peer_state(self, worker, slot: int, state, staged) -> None:
         self._peer_state(worker, slot, state, staged)
 
-    def _on_stats(self, worker, peers: dict, drops: dict, busy: float, depth: int) -> None:
+    def _on_stats(self, worker, peers: dict, drops: dict, busy: float, depth: int,
+                  peer_drops: dict | None = None) -> None:
         for slot, (tx_bytes, rx_bytes, tx_packets, rx_packets) in peers.items():
             worker.traffic["tx_bytes"] += tx_bytes
             worker.traffic["rx_bytes"] += rx_bytes
@@ -399,6 +400,14 @@ class WorkerPool:
             peer.stats.rx_packets += rx_packets
             worker.packets[slot] += tx_packets + rx_packets
         self.device.drops.update(drops)
+        for slot, counts in (peer_drops or {}).items():
+            # Per-peer drops for metrics; "no_session" is counted nowhere
+            # else, so the interface-wide count gets it here.
+            self.device.drops["no_session"] += counts.get("no_session", 0)
+            peer = self._peer(slot)
+            if peer is not None:
+                peer.stats.dishonest_source += counts.get("source_policy", 0)
+                peer.stats.dropped_staged += counts.get("no_session", 0)
         worker.busy_seconds = worker.busy_before_restart + busy
         worker.queue_depth = depth
 
