@@ -136,6 +136,26 @@ def demo():
     raise typer.Exit(demo_module.main() or 0)
 
 
+@app.command()
+def bench(
+    output: str = typer.Option("./bench-out", "--output", "-o", metavar="DIR",
+                               help="where bench.json, bench.md and bench.png go"),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="runs of each configuration"),
+    seconds: float = typer.Option(5, "--seconds", help="length of each TCP run"),
+    workers: str = typer.Option("1,2", "--workers", help="wgebpf Workers counts to compare"),
+    quick: bool = typer.Option(False, "--quick",
+                               help="1 repeat, 1-second runs, one configuration per pairing"),
+):
+    """Compare wgebpf and wireguard-go in namespaces: TCP, small-packet UDP,
+    latency and CPU per GB; writes JSON, a Markdown table and a PNG plot.
+
+    Example: sudo wgebpf bench --output bench-out --repeats 3 --seconds 5
+    """
+    from . import bench as bench_module
+    raise typer.Exit(bench_module.main(output_dir=output, repeats=repeats, seconds=seconds,
+                                       workers=workers, quick=quick))
+
+
 def main() -> None:
     app()
 
