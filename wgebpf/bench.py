@@ -733,15 +733,19 @@ def main(**options) -> int:
     Returns 0 when every configuration produced results, 1 when one failed
     completely or bench could not run, 2 for bad options.
     """
+    def opt(name: str, default):
+        value = options.get(name)
+        return default if value is None else value
+
     try:
         kwargs = dict(
-            output_dir=str(options.get("output_dir") or options.get("output") or "bench-out"),
-            systems=_str_list(options.get("systems") or DEFAULT_SYSTEMS),
-            workers=_int_list(options.get("workers") or DEFAULT_WORKERS),
-            selections=_str_list(options.get("selections") or DEFAULT_SELECTIONS),
-            repeats=int(options.get("repeats") or DEFAULT_REPEATS),
-            seconds=float(options.get("seconds") or DEFAULT_SECONDS),
-            quick=bool(options.get("quick", False)))
+            output_dir=str(opt("output_dir", opt("output", "bench-out"))),
+            systems=_str_list(opt("systems", DEFAULT_SYSTEMS)),
+            workers=_int_list(opt("workers", DEFAULT_WORKERS)),
+            selections=_str_list(opt("selections", DEFAULT_SELECTIONS)),
+            repeats=int(opt("repeats", DEFAULT_REPEATS)),
+            seconds=float(opt("seconds", DEFAULT_SECONDS)),
+            quick=bool(opt("quick", False)))
         plan_setups(kwargs["systems"], kwargs["workers"], kwargs["selections"])
         if kwargs["repeats"] < 1 or kwargs["seconds"] <= 0:
             raise ValueError("repeats and seconds must be positive")

@@ -1,0 +1,165 @@
+"""`wgebpf bench`: the plan, the statistics and the reports (unit), and a
+quick real run in namespaces whose files are checked (netns)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from wgebpf import bench
+from wgebpf.bench import Setup
+
+# -- Unit: no root needed --------------------------------------------------------
+
+
+@pytest.mark.parametrize("systems, workers, selections, quick, expected", [
+    (["wireguard-go-wireguard-go"], [1, 2], ["nexthop"], False,
+     [Setup("wireguard-go-wireguard-go")]),
+    (["wgebpf-wireguard-go"], [1, 2], ["nexthop", "allowedips"], False,
+     [Setup("wgebpf-wireguard-go", 1, "nexthop"), Setup("wgebpf-wireguard-go", 1, "allowedips"),
+      Setup("wgebpf-wireguard-go", 2, "nexthop"), Setup("wgebpf-wireguard-go", 2, "allowedips")]),
+    (bench.DEFAULT_SYSTEMS, [1, 2], ["nexthop", "allowedips"], True,
+     [Setup("wgebpf-wgebpf", 1, "nexthop"), Setup("wgebpf-wireguard-go", 1, "nexthop"),
+      Setup("wireguard-go-wireguard-go")]),
+])
+def test_plan_setups(systems, workers, selections, quick, expected):
+    assert bench.plan_setups(systems, workers, selections, quick) == expected
+
+
+def test_full_default_plan_has_nine_configurations():
+    setups = bench.plan_setups(bench.DEFAULT_SYSTEMS, bench.DEFAULT_WORKERS,
+                               bench.DEFAULT_SELECTIONS)
+    assert len(setups) == 9 and len({s.id for s in setups}) == 9
+
+
+@pytest.mark.parametrize("systems, workers, selections", [
+    (["wgebpf-boringtun"], [1], ["nexthop"]),
+    (["wgebpf-wgebpf"], [0], ["nexthop"]),
+    (["wgebpf-wgebpf"], [1], ["destination"]),
+    (["wgebpf-wgebpf"], [], ["nexthop"]),
+    ([], [1], ["nexthop"]),
+])
+def test_plan_setups_refuses(systems, workers, selections):
+    with pytest.raises(ValueError):
+        bench.plan_setups(systems, workers, selections)
+
+
+@pytest.mark.parametrize("options", [
+    {"workers": "1,x"}, {"workers": "0"}, {"systems": "nope"}, {"selections": "dst"},
+    {"repeats": 0}, {"seconds": 0},
+])
+def test_main_bad_options_exit_2_before_anything_runs(options, capsys):
+    assert bench.main(output_dir="/nonexistent/never-made", **options) == 2
+    assert "wgebpf bench:" in capsys.readouterr().err
+    assert not Path("/nonexistent/never-made").exists()
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([], None),
+    ([2.0], {"min": 2.0, "median": 2.0, "max": 2.0, "n": 1}),
+    ([3.0, 1.0, 2.0], {"min": 1.0, "median": 2.0, "max": 3.0, "n": 3}),
+    ([4.0, 1.0, 2.0, 3.0], {"min": 1.0, "median": 2.5, "max": 4.0, "n": 4}),
+])
+def test_summarize(values, expected):
+    assert bench.summarize(values) == expected
+
+
+def _config(system, medians, status="ok", errors=None):
+    setup = Setup(system, *(() if system == bench.BASELINE else (1, "nexthop")))
+    return {"id": setup.id, "system": system, "status": status,
+            "summary": {k: {"min": v, "median": v, "max": v, "n": 1} for k, v in medians.items()},
+            "runs": [{"repeat": 1, "values": dict(medians), "errors": errors or {}}]}
+
+
+def _result(configs):
+    return {"parameters": {"repeats": 1, "tcp_seconds": 1, "udp_max_loss_percent": 1.0,
+                           "udp_payload_bytes": 64, "ping_count": 20, "ping_interval_s": 0.01},
+            "machine": {"cpus": 2, "kernel": "test"}, "configurations": configs,
+            "ratios": bench.ratios(configs)}
+
+
+def test_ratios_and_markdown_with_a_failed_configuration():
+    base = _config(bench.BASELINE, {"tcp1_gbps": 0.8, "ping_avg_ms": 0.4})
+    ours = _config("wgebpf-wireguard-go", {"tcp1_gbps": 0.6, "ping_avg_ms": 0.5})
+    broken = _config("wgebpf-wgebpf", {}, status="failed",
+                     errors={"setup": "StartError: boom\nlong log", "log": "not shown"})
+    result = _result([ours, broken, base])
+    assert result["ratios"][ours["id"]] == pytest.approx({"tcp1_gbps": 0.75,
+                                                          "ping_avg_ms": 1.25})
+    assert result["ratios"][broken["id"]] == {}
+    md = bench.render_markdown(result)
+    assert f"| {ours['id']} | 0.600 (0.600–0.600) |" in md
+    assert f"| {broken['id']} **failed** | failed |" in md
+    assert "| 0.75 |" in md
+    assert f"- {broken['id']}, repeat 1, setup: StartError: boom" in md
+    assert "not shown" not in md
+
+
+def test_cpu_seconds_counts_a_child_process():
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.3: pass\n"
+                              "time.sleep(30)"])
+    try:
+        time.sleep(0.05)
+        assert child.pid in bench.process_tree(os.getpid())
+        mine = bench.cpu_seconds(os.getpid())
+        deadline = time.monotonic() + 10
+        while bench.cpu_seconds(os.getpid()) - mine < 0.25 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert bench.cpu_seconds(os.getpid()) - mine >= 0.25
+    finally:
+        child.kill()
+        child.wait()
+
+
+# -- netns: a quick real run -----------------------------------------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(150)
+def test_quick_bench_writes_every_configuration_and_metric(tmp_path):
+    out = tmp_path / "bench-out"
+    started = time.monotonic()
+    proc = subprocess.run([str(Path(sys.executable).with_name("wgebpf")), "bench", "--quick",
+                           "--workers", "2", "--output", str(out)],
+                          capture_output=True, text=True, timeout=140)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert elapsed < 90, f"quick bench took {elapsed:.0f} s"
+
+    result = json.loads((out / "bench.json").read_text())
+    expected = {s.id for s in bench.plan_setups(bench.DEFAULT_SYSTEMS, [2],
+                                                bench.DEFAULT_SELECTIONS, quick=True)}
+    assert {c["id"] for c in result["configurations"]} == expected
+    for c in result["configurations"]:
+        assert c["status"] == "ok", (c["id"], c["runs"][0]["errors"])
+        s = {k: v["median"] for k, v in c["summary"].items()}
+        assert set(s) == {m.key for m in bench.METRICS}, c["id"]
+        where = f"{c['id']}: {s}"
+        assert 0.01 < s["tcp1_gbps"] < 100 and 0.01 < s["tcp4_gbps"] < 100, where
+        assert 1 < s["udp64_kpps"] <= s["udp64_sat_kpps"] * 2, where
+        assert 0 < s["ping_min_ms"] <= s["ping_avg_ms"] <= s["ping_max_ms"] < 1000, where
+        assert 0 <= s["ping_mdev_ms"], where
+        # A gigabyte costs some CPU, and less than the whole machine for a minute.
+        assert 0.1 < s["cpu_a_s_per_gb"] < 120 and 0.1 < s["cpu_b_s_per_gb"] < 120, where
+    assert set(result["ratios"]) == expected - {"wireguard-go <-> wireguard-go"}
+
+    table = (out / "bench.md").read_text()
+    assert table in proc.stdout  # main prints the same table
+    for cid in expected:
+        assert f"| {cid} |" in table
+
+    png = (out / "bench.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE)
+    import matplotlib.image
+    image = matplotlib.image.imread(out / "bench.png")
+    assert image.shape[0] > 300 and image.shape[1] > 600
