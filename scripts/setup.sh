@@ -24,7 +24,7 @@ PACKAGES=(
     python3-bpfcc libbpfcc bpfcc-tools linux-headers-amd64
     python3-venv python3-nftables nftables
     wireguard-go wireguard-tools
-    iperf3 iputils-ping iproute2 tcpdump bpftool
+    iperf3 iputils-ping iproute2 tcpdump bpftool prometheus
 )
 
 say() { printf 'setup: %s\n' "$*"; }
