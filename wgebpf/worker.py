@@ -330,7 +330,11 @@ class Worker:
     def run(self) -> None:
         next_stats = time.monotonic() + STATS_INTERVAL
         while self.running:
-            for key, _ in self.selector.select(STATS_INTERVAL):
+            # Control first: a new keypair must be installed before the data
+            # that the same wake-up brought for it is looked up.
+            events = sorted(self.selector.select(STATS_INTERVAL),
+                            key=lambda event: event[0].data[0] != "control")
+            for key, _ in events:
                 kind, arg = key.data
                 if kind == "tun":
                     self._drain_tun(arg)
