@@ -241,6 +241,12 @@ class Device:
             self.drop_index(peer.handshake.local_index)
         peer.handshake.clear()
 
+    def drop(self, reason: str, peer=None, count: int = 1) -> None:
+        """Count a dropped packet by reason, and against its peer when known."""
+        self.drops[reason] += count
+        if peer is not None:
+            peer.drops[reason] += count
+
     # --- load ----------------------------------------------------------------------------
 
     def note_handshake_message(self) -> bool:

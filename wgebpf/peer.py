@@ -13,7 +13,7 @@ class PeerStats:
     """Counters a peer keeps beyond wg's rx/tx bytes (exported as metrics)."""
 
     __slots__ = ("tx_packets", "rx_packets", "handshakes_completed", "handshakes_failed",
-                 "handshakes_sent", "dropped_staged", "dishonest_source")
+                 "handshakes_sent")
 
     def __init__(self):
         for name in self.__slots__:
@@ -42,6 +42,7 @@ class Peer:
         self.keypair_installed_at: float | None = None
         self.sent_lastminute_handshake = False
         self.stats = PeerStats()
+        self.drops: collections.Counter = collections.Counter()   # by reason
         self.timers = Timers(self, device.scheduler, device.actions, device.timing)
 
     def __repr__(self) -> str:
@@ -77,9 +78,10 @@ class Peer:
     def stage(self, packet: bytes) -> None:
         if len(self.staged) >= MAX_STAGED_PACKETS:
             self.staged.popleft()           # keep the newest, like the kernel
-            self.stats.dropped_staged += 1
+            self.device.drop("no_session", self)
         self.staged.append(packet)
 
     def purge_staged(self) -> None:
-        self.stats.dropped_staged += len(self.staged)
+        if self.staged:
+            self.device.drop("no_session", self, len(self.staged))
         self.staged.clear()

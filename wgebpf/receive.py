@@ -34,7 +34,7 @@ log = logging.getLogger("wgebpf")
 
 def handle_datagram(device, data: bytes, source: tuple) -> None:
     if not is_well_formed(data):
-        device.drops["malformed"] += 1
+        device.drop("malformed")
         return
     kind = message_type(data)
     if kind == MESSAGE_DATA:
@@ -52,14 +52,14 @@ def handle_handshake(device, kind: int, data: bytes, source: tuple) -> None:
     under_load = device.note_handshake_message()
     state = device.cookie_checker.validate(data, source, under_load)
     if state is MacState.INVALID_MAC1:
-        device.drops["invalid_mac1"] += 1
+        device.drop("invalid_mac1")
         return
     if under_load and state is MacState.VALID_MAC_BUT_NO_COOKIE:
-        device.drops["cookie_required"] += 1
+        device.drop("cookie_required")
         send.send_cookie_reply(device, data, source)
         return
     if state is MacState.VALID_MAC_WITH_COOKIE_BUT_RATELIMITED:
-        device.drops["rate_limited"] += 1
+        device.drop("rate_limited")
         return
     try:
         if kind == MESSAGE_HANDSHAKE_INITIATION:
@@ -67,7 +67,7 @@ def handle_handshake(device, kind: int, data: bytes, source: tuple) -> None:
         else:
             handle_response(device, data, source)
     except HandshakeError as exc:
-        device.drops["handshake_failed"] += 1
+        device.drop("handshake_failed")
         log.debug("%s: handshake from %s rejected: %s", device.name, source, exc)
 
 
@@ -111,7 +111,7 @@ def handle_cookie_reply(device, data: bytes) -> None:
     receiver = int.from_bytes(data[4:8], "little")
     entry = device.indices.get(receiver)
     if entry is None or not entry[0].cookie.consume_reply(data):
-        device.drops["invalid_cookie"] += 1
+        device.drop("invalid_cookie")
 
 
 # --- data -----------------------------------------------------------------------------
@@ -121,24 +121,24 @@ def handle_data(device, data: bytes, source: tuple) -> None:
     entry = device.indices.get(receiver)
     keypair = entry[1] if entry is not None else None
     if keypair is None or keypair is entry[0].handshake:
-        device.drops["unknown_index"] += 1
+        device.drop("unknown_index")
         return
     now = device.clock.monotonic()
+    peer = entry[0]
     if not keypair.can_receive(now):
-        device.drops["expired_keypair"] += 1
+        device.drop("expired_keypair", peer)
         return
     if not keypair.replay.would_accept(counter):
-        device.drops["replay"] += 1
+        device.drop("replay", peer)
         return
     try:
         plaintext = keypair.receiving.decrypt(aead_nonce(counter), data[DATA_HEADER.size:], None)
     except Exception:
-        device.drops["auth_failed"] += 1
+        device.drop("auth_failed", peer)
         return
     if not keypair.replay.accept(counter):        # a racing duplicate
-        device.drops["replay"] += 1
+        device.drop("replay", peer)
         return
-    peer = entry[0]
     authenticated(device, peer, keypair, source, len(data), now)
     if plaintext:
         deliver(device, peer, plaintext)
@@ -189,10 +189,9 @@ def deliver(device, peer, plaintext: bytes) -> None:
     peer.timers.data_received()
     source, length = inner_source(plaintext)
     if source is None:
-        device.drops["malformed_inner"] += 1
+        device.drop("malformed_inner", peer)
         return
     if not source_allowed(device, peer, source):
-        device.drops["source_policy"] += 1
-        peer.stats.dishonest_source += 1
+        device.drop("source_policy", peer)
         return
     device.tun.write(plaintext[:length], peer.queue)

@@ -73,14 +73,14 @@ def no_peer(device, packet: bytes) -> None:
     """Drop, count, and tell the sender (ICMP destination unreachable)."""
     destination = destination_of(packet)
     if destination is None:
-        device.drops["malformed_outgoing"] += 1
+        device.drop("malformed_outgoing")
         return
     if is_multicast(destination):
         # The kernel's own multicast (IPv6 MLD, say): no peer is expected
         # to take it, and no ICMP error may answer it (RFC 1812, RFC 4443).
-        device.drops["multicast"] += 1
+        device.drop("multicast")
         return
-    device.drops["no_peer"] += 1
+    device.drop("no_peer")
     reply = icmp.unreachable(device, packet)
     if reply is not None:
         device.tun.write(reply, 0)
@@ -110,7 +110,7 @@ def send_staged(device, peer) -> None:
         device.actions.send_handshake_initiation(peer, retry=False)
         return
     if peer.endpoint is None:
-        device.drops["no_endpoint"] += len(peer.staged)
+        device.drop("no_endpoint", peer, len(peer.staged))
         peer.staged.clear()
         return
     while peer.staged:

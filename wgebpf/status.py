@@ -33,8 +33,7 @@ def collect(device, pool=None, classifier=None) -> dict:
                                     if peer.keypair_installed_at is not None else None),
             "source_policy": peer.source_policy or device.source_policy,
             "allowed_ips": [str(n) for n in device.allowed_ips_of(peer)],
-            "drops": {"source_policy": stats.dishonest_source,
-                      "no_session": stats.dropped_staged},
+            "drops": dict(peer.drops),
         }
     status = {
         "interface": device.name,

@@ -313,11 +313,9 @@ class Worker:
         only a worker sees (send and TUN write errors) to `drops`."""
         out = {}
         for slot, peer in self.by_slot.items():
-            counts = {"source_policy": peer.stats.dishonest_source,
-                      "no_session": peer.stats.dropped_staged}
-            peer.stats.dishonest_source = peer.stats.dropped_staged = 0
-            if any(counts.values()):
-                out[slot] = counts
+            if peer.drops:
+                out[slot] = dict(peer.drops)
+                peer.drops.clear()
         for reason, holder, attr in (("udp_send_failed", self.conn, "send_errors"),
                                      ("tun_write_failed", self.tun, "write_errors")):
             if getattr(holder, attr):

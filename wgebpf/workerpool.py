@@ -401,13 +401,11 @@ class WorkerPool:
             worker.packets[slot] += tx_packets + rx_packets
         self.device.drops.update(drops)
         for slot, counts in (peer_drops or {}).items():
-            # Per-peer drops for metrics; "no_session" is counted nowhere
-            # else, so the interface-wide count gets it here.
-            self.device.drops["no_session"] += counts.get("no_session", 0)
+            # Already in `drops` (the worker's device counts both); here
+            # they are attributed to their peer.
             peer = self._peer(slot)
             if peer is not None:
-                peer.stats.dishonest_source += counts.get("source_policy", 0)
-                peer.stats.dropped_staged += counts.get("no_session", 0)
+                peer.drops.update(counts)
         worker.busy_seconds = worker.busy_before_restart + busy
         worker.queue_depth = depth
 
