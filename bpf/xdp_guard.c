@@ -75,14 +75,18 @@ BPF_TABLE("lru_hash", struct wgx_source_key, struct wgx_bucket, wgx_sources, WGX
 BPF_TABLE("array", u32, struct wgx_load, wgx_load, 1);
 BPF_TABLE("percpu_array", u32, u64, wgx_counters, WGX_CNT_MAX);
 
-/* mac1's message words: off the stack, which the unrolled BLAKE2s rounds
- * nearly fill with spilled state. Internal to this program. */
-struct mac1_scratch {
+/* Off the stack, which the unrolled BLAKE2s rounds nearly fill with
+ * spilled state: mac1's message words, the FIB lookup's arguments.
+ * Internal to this program. */
+struct scratch {
 	u32 words[32];
+	struct bpf_fib_lookup fib;
 };
-BPF_TABLE("percpu_array", u32, struct mac1_scratch, wgx_scratch, 1);
+BPF_TABLE("percpu_array", u32, struct scratch, wgx_scratch, 1);
 
 #define WGX_NSEC_PER_SEC 1000000000ULL
+#define WGX_AF_INET	2
+#define WGX_AF_INET6	10
 #define IP_MF		0x2000
 #define IP_OFFSET	0x1fff
 #define NEXTHDR_HOP	0
@@ -103,7 +107,7 @@ static __always_inline int count(u32 index)
 static __always_inline int verdict(u32 reason)
 {
 	count(reason);
-	return reason <= WGX_CNT_UNPARSED ? XDP_PASS : XDP_DROP;
+	return reason <= WGX_CNT_LAST_PASS ? XDP_PASS : XDP_DROP;
 }
 
 /* WireGuard's fields are little-endian on the wire; BPF loads are in the
@@ -310,7 +314,7 @@ static __always_inline int judge_message(struct xdp_md *ctx, u8 *msg, u32 len, i
 		 * reads; the caller checked the frame holds what IP says, and
 		 * fragments were refused above, so this only fails on a lie. */
 		u32 zero = 0, mac[4], hashed, i;
-		struct mac1_scratch *sc = wgx_scratch.lookup(&zero);
+		struct scratch *sc = wgx_scratch.lookup(&zero);
 
 		if (!sc)
 			return verdict(WGX_CNT_PASSED);	/* cannot happen: an array has entry 0 */
@@ -342,32 +346,6 @@ static __always_inline int judge_message(struct xdp_md *ctx, u8 *msg, u32 len, i
 	return verdict(WGX_CNT_PASSED);
 }
 
-/* ---- UDP: is it for our port, and does its length agree with IP's? ---------
- * payload: IP payload length (IPv4 total length - header, IPv6 payload
- * length - extension headers). more: the IP packet is a first fragment. */
-static __always_inline int judge_udp(struct xdp_md *ctx, struct udphdr *udp, u32 payload,
-				     int more, struct wgx_source_key *src,
-				     const struct wgx_config *cfg)
-{
-	void *data_end = (void *)(long)ctx->data_end;
-	u32 udp_len;
-
-	if ((void *)(udp + 1) > data_end)
-		return verdict(WGX_CNT_OTHER);	/* no port to read: the kernel drops it */
-	if (udp->dest != bpf_htons(cfg->port))
-		return verdict(WGX_CNT_OTHER);
-	/* From here on it is ours: what does not parse is junk. The frame
-	 * must hold what IP says is there (it may hold more: padding). */
-	if ((void *)udp + payload > data_end)
-		return verdict(WGX_CNT_BAD_LENGTH);
-	udp_len = bpf_ntohs(udp->len);
-	if (udp_len < sizeof(*udp))
-		return verdict(WGX_CNT_BAD_LENGTH);
-	if (more ? udp_len <= payload : udp_len != payload)
-		return verdict(WGX_CNT_BAD_LENGTH);
-	return judge_message(ctx, (u8 *)(udp + 1), udp_len - sizeof(*udp), more, src, cfg);
-}
-
 /* Where the UDP header is, filled in by parse_ipv4/parse_ipv6. They return
  * WGX_PARSED when it is filled in, else the verdict counter for a packet
  * that is not a UDP datagram we can judge. judge_udp() has one call site
@@ -380,6 +358,7 @@ struct udp_at {
 	u32 payload;		/* IP payload length: IPv4 total - header, IPv6 payload - ext headers */
 	int more;		/* a first fragment: more of the datagram follows */
 	struct wgx_source_key src;
+	void *ip;		/* the IPv4 or IPv6 header, for WGX_CFG_LOCAL_ONLY */
 };
 
 static __always_inline int parse_ipv4(struct xdp_md *ctx, struct iphdr *ip, struct udp_at *at)
@@ -404,6 +383,7 @@ static __always_inline int parse_ipv4(struct xdp_md *ctx, struct iphdr *ip, stru
 	at->more = !!(frag & IP_MF);
 	at->src.family = 4;
 	__builtin_memcpy(at->src.addr, &ip->saddr, 4);
+	at->ip = ip;
 	return WGX_PARSED;
 }
 
@@ -468,7 +448,81 @@ static __always_inline int parse_ipv6(struct xdp_md *ctx, struct ipv6hdr *ip, st
 	at->more = more;
 	at->src.family = 6;
 	__builtin_memcpy(at->src.addr, &ip->saddr, 8);	/* the /64 */
+	at->ip = ip;
 	return WGX_PARSED;
+}
+
+/* ---- UDP: is it for our port, for this host, and does its length agree? -- */
+
+/* Would the kernel deliver it here (or drop it), rather than forward it?
+ * The lookup's arguments live in the scratch map: the stack is full. */
+static __always_inline int delivered_here(struct xdp_md *ctx, struct udp_at *at)
+{
+	void *data_end = (void *)(long)ctx->data_end;
+	struct bpf_fib_lookup *fib;
+	struct scratch *sc;
+	u32 zero = 0;
+	long ret;
+
+	sc = wgx_scratch.lookup(&zero);
+	if (!sc)
+		return 1;
+	fib = &sc->fib;
+	__builtin_memset(fib, 0, sizeof(*fib));
+	if (at->src.family == 4) {
+		struct iphdr *ip = at->ip;
+
+		if ((void *)(ip + 1) > data_end)
+			return 1;
+		fib->family = WGX_AF_INET;
+		fib->tos = ip->tos;
+		fib->ipv4_src = ip->saddr;
+		fib->ipv4_dst = ip->daddr;
+	} else {
+		struct ipv6hdr *ip = at->ip;
+
+		if ((void *)(ip + 1) > data_end)
+			return 1;
+		fib->family = WGX_AF_INET6;
+		fib->flowinfo = *(__be32 *)ip & bpf_htonl(0x0FFFFFFF);	/* class + label */
+		__builtin_memcpy(fib->ipv6_src, &ip->saddr, 16);
+		__builtin_memcpy(fib->ipv6_dst, &ip->daddr, 16);
+	}
+	fib->l4_protocol = IPPROTO_UDP;
+	fib->sport = at->udp->source;
+	fib->dport = at->udp->dest;
+	fib->ifindex = ctx->ingress_ifindex;
+	ret = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	/* NOT_FWDED: a local (or broadcast) route. FWD_DISABLED: nothing is
+	 * forwarded here. An error: we cannot tell, so judge it. Anything else
+	 * (a unicast route, whatever the neighbour state) is someone else's;
+	 * unroutable ones the kernel drops itself. */
+	return ret < 0 || ret == BPF_FIB_LKUP_RET_NOT_FWDED || ret == BPF_FIB_LKUP_RET_FWD_DISABLED;
+}
+
+static __always_inline int judge_udp(struct xdp_md *ctx, struct udp_at *at,
+				     const struct wgx_config *cfg)
+{
+	void *data_end = (void *)(long)ctx->data_end;
+	struct udphdr *udp = at->udp;
+	u32 udp_len, payload = at->payload;
+
+	if ((void *)(udp + 1) > data_end)
+		return verdict(WGX_CNT_OTHER);	/* no port to read: the kernel drops it */
+	if (udp->dest != bpf_htons(cfg->port))
+		return verdict(WGX_CNT_OTHER);
+	if ((cfg->flags & WGX_CFG_LOCAL_ONLY) && !delivered_here(ctx, at))
+		return verdict(WGX_CNT_FORWARDED);
+	/* From here on it is ours: what does not parse is junk. The frame
+	 * must hold what IP says is there (it may hold more: padding). */
+	if ((void *)udp + payload > data_end)
+		return verdict(WGX_CNT_BAD_LENGTH);
+	udp_len = bpf_ntohs(udp->len);
+	if (udp_len < sizeof(*udp))
+		return verdict(WGX_CNT_BAD_LENGTH);
+	if (at->more ? udp_len <= payload : udp_len != payload)
+		return verdict(WGX_CNT_BAD_LENGTH);
+	return judge_message(ctx, (u8 *)(udp + 1), udp_len - sizeof(*udp), at->more, &at->src, cfg);
 }
 
 int wgx_guard(struct xdp_md *ctx)
@@ -492,5 +546,5 @@ int wgx_guard(struct xdp_md *ctx)
 		parsed = WGX_CNT_OTHER;
 	if (parsed != WGX_PARSED)
 		return verdict(parsed);
-	return judge_udp(ctx, at.udp, at.payload, at.more, &at.src, cfg);
+	return judge_udp(ctx, &at, cfg);
 }

@@ -69,6 +69,12 @@ struct wgx_config {
 };
 
 #define WGX_CFG_MAC1		(1U << 0)	/* drop handshake messages whose mac1 is wrong */
+/* Judge only datagrams this host receives itself: ask the FIB (as the
+ * kernel will) and pass those it would forward, so that a router running
+ * wgebpf never filters another host's WireGuard on the same port. When
+ * forwarding is off on the device (IPv6: globally) the FIB is not asked:
+ * then every datagram to the port is ours or dropped by the kernel. */
+#define WGX_CFG_LOCAL_ONLY	(1U << 1)
 
 /* ---- wgx_sources: one token bucket per source prefix ------------------------
  * IPv4 by /32, IPv6 by /64 (one host may use its whole /64), as WireGuard's
@@ -107,12 +113,14 @@ struct wgx_load {
 #define WGX_CNT_PASSED		1	/* pass: to the port, looks like WireGuard */
 #define WGX_CNT_FRAGMENT	2	/* pass: a later IP fragment, no UDP header to judge */
 #define WGX_CNT_UNPARSED	3	/* pass: IPv6 extension headers beyond what we walk */
-#define WGX_CNT_SHORT		4	/* drop: to the port, too short to hold a message header */
-#define WGX_CNT_BAD_TYPE	5	/* drop: unknown type or nonzero reserved bytes */
-#define WGX_CNT_BAD_LENGTH	6	/* drop: wrong length for the type, or UDP length != IP's */
-#define WGX_CNT_UNKNOWN_INDEX	7	/* drop: receiver index not in wgx_index */
-#define WGX_CNT_BAD_MAC1	8	/* drop: handshake message with a wrong mac1 */
-#define WGX_CNT_RATE_LIMITED	9	/* drop: the source's bucket is empty */
+#define WGX_CNT_FORWARDED	4	/* pass: to the port, but routed through this host */
+#define WGX_CNT_SHORT		5	/* drop: to the port, too short to hold a message header */
+#define WGX_CNT_BAD_TYPE	6	/* drop: unknown type or nonzero reserved bytes */
+#define WGX_CNT_BAD_LENGTH	7	/* drop: wrong length for the type, or UDP length != IP's */
+#define WGX_CNT_UNKNOWN_INDEX	8	/* drop: receiver index not in wgx_index */
+#define WGX_CNT_BAD_MAC1	9	/* drop: handshake message with a wrong mac1 */
+#define WGX_CNT_RATE_LIMITED	10	/* drop: the source's bucket is empty */
+#define WGX_CNT_LAST_PASS	WGX_CNT_FORWARDED	/* verdicts up to here pass */
 /* Events, counted in addition to the verdict: */
 #define WGX_CNT_INITIATIONS	16	/* well-formed initiations seen (any verdict after) */
 #define WGX_CNT_RESPONSES	17	/* well-formed responses to a live index */

@@ -96,19 +96,44 @@ MESSAGE_CASES = [
 
 # -- the program alone (BPF_PROG_TEST_RUN) -------------------------------------------
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextmanager
+def inside(ns: netns.Namespace):
+    """Run the calling thread in `ns` (sockets made there stay there)."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
+    try:
+        if _libc.setns(target, 0x40000000) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+        try:
+            yield
+        finally:
+            _libc.setns(own, 0x40000000)
+    finally:
+        os.close(own)
+        os.close(target)
+
+
+
 @pytest.fixture(scope="module")
 def guard(root):
     """Module scope; needs root. A loaded, unattached guard on PORT with
-    KNOWN and MARKER as live indexes and the mac1 check on; rate limit off."""
-    with X.XdpGuard("lo", PORT, public_key=PUBLIC_KEY, rate=0) as g:
+    KNOWN and MARKER as live indexes and the mac1 check on; rate limit off.
+    Its test runs happen in a namespace of its own (g.test_ns), whose FIB
+    the local-only check asks (forwarding off there: all judged)."""
+    with netns.Namespace("t") as ns, X.XdpGuard("lo", PORT, public_key=PUBLIC_KEY, rate=0) as g:
         g.add_index(KNOWN)
         g.add_index(MARKER)
+        g.test_ns = ns
         yield g
 
 
 def verdicts(guard: X.XdpGuard, frame: bytes) -> tuple[int, dict[str, int]]:
     before = guard.counters()
-    ret, _ = guard.run(frame)
+    with inside(guard.test_ns):     # BPF_PROG_TEST_RUN uses the caller's namespace
+        ret, _ = guard.run(frame)
     after = guard.counters()
     return ret, {k: after[k] - before[k] for k in after if after[k] != before[k]}
 
@@ -121,8 +146,7 @@ def v6(payload: bytes, dport: int = PORT, src: str = P6) -> bytes:
     return ETH6 + F.udp_packet(src, G6, 40000, dport, payload)
 
 
-EXPECTED_RET = {"passed": X.XDP_PASS, "other": X.XDP_PASS, "fragment": X.XDP_PASS,
-                "unparsed": X.XDP_PASS}
+EXPECTED_RET = {r: X.XDP_PASS for r in X.PASS_REASONS}
 
 
 @pytest.mark.netns
@@ -254,9 +278,10 @@ def test_indexes_follow_the_control_plane(guard):
 def fresh(root):
     """Function scope; needs root. A guard of its own (empty buckets and
     load window), unattached."""
-    with X.XdpGuard("lo", PORT, public_key=PUBLIC_KEY, rate=1, burst=3,
-                    load_threshold=1_000_000) as g:
+    with netns.Namespace("t") as ns, X.XdpGuard("lo", PORT, public_key=PUBLIC_KEY, rate=1,
+                                                 burst=3, load_threshold=1_000_000) as g:
         g.add_index(KNOWN)
+        g.test_ns = ns
         yield g
 
 
@@ -362,7 +387,7 @@ def test_xdp_guard_h_and_the_python_mirror_agree(root):
         for f, _ in cls._fields_:
             assert getattr(cls, f).offset == c[f"offsetof {cname}.{f}"], (cname, f)
     assert all(0 <= i < X.CNT_MAX for i in X.COUNTER_NAMES)
-    assert set(X.PASS_REASONS + X.DROP_REASONS) == {X.COUNTER_NAMES[i] for i in range(10)}
+    assert set(X.PASS_REASONS + X.DROP_REASONS) == {X.COUNTER_NAMES[i] for i in range(X.CNT_RATE_LIMITED + 1)}
 
 
 @pytest.mark.netns
@@ -407,26 +432,6 @@ def test_blake2s_midstate_gives_wireguards_mac1(length):
 
 
 # -- on a veth pair ------------------------------------------------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextmanager
-def inside(ns: netns.Namespace):
-    """Run the calling thread in `ns` (sockets made there stay there)."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, 0x40000000) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        try:
-            yield
-        finally:
-            _libc.setns(own, 0x40000000)
-    finally:
-        os.close(own)
-        os.close(target)
-
 
 class Wire:
     """Namespaces g (guarded) and p (peer) joined by a veth (see the top)."""
@@ -595,6 +600,32 @@ def test_other_ports_and_protocols_are_untouched(guarded):
         s.settimeout(2)
         assert s.connect_ex((G4, PORT)) == errno.ECONNREFUSED
     assert g.counters()["other"] >= 5
+
+
+@pytest.mark.netns
+def test_datagrams_routed_through_the_host_are_not_judged(guarded):
+    """With forwarding on, a datagram to the port for another host passes
+    (a router must not filter its neighbours' WireGuard); ours is judged."""
+    wire, g = guarded
+    wire.g.sysctl("net.ipv4.conf.all.forwarding", 1)
+    wire.g.sysctl("net.ipv6.conf.all.forwarding", 1)
+    wire.g.ip("route", "add", "203.0.113.0/24", "via", P4)
+    wire.g.ip("-6", "route", "add", "2001:db8:7::/64", "via", P6)
+    wire.p.ip("route", "add", "203.0.113.0/24", "via", G4)
+    wire.p.ip("-6", "route", "add", "2001:db8:7::/64", "via", G6)
+    junk = b"\x09 not wireguard"
+    for src, dst, beyond in ((P4, G4, "203.0.113.9"), (P6, G6, "2001:db8:7::9")):
+        before = g.counters()
+        wire.send(_ip(src, beyond, junk))
+        assert wire.judged(_ip(src, dst, junk), wire.sink6 if ":" in dst else wire.sink4) == []
+        after = g.counters()
+        assert after["forwarded"] - before["forwarded"] == 1
+        assert after["bad_type"] - before["bad_type"] == 1       # ours, still judged
+    g.set_local_only(False)
+    before = g.counters()["bad_type"]
+    wire.send(_ip(P4, "203.0.113.9", junk))
+    wire.judged(_ip(P4, G4, data()), wire.sink4)
+    assert g.counters()["bad_type"] - before == 1
 
 
 @pytest.mark.netns

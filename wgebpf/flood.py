@@ -23,7 +23,7 @@ Kinds (KINDS):
                    inside: the responder spends a DH finding out)
 Sources: the namespace's own address, or `source` = a network whose
 addresses the packets cycle through (spoofed; raw sockets write the IP
-header). Only documentation and loopback addresses are accepted, as target
+header): IPv4 hosts, or for IPv6 one address in each /64 of it. Only documentation and loopback addresses are accepted, as target
 and as source: this tool cannot be pointed at anyone.
 """
 
@@ -171,12 +171,21 @@ def build_pool(kind: str, target: str, port: int, *, source: str | None = None,
         sources = [_route_source(target)]
     else:
         check_address(source)
-        net = ipaddress.ip_network(source, strict=False)
-        hosts = net.hosts() if net.num_addresses > 2 else iter(net)
-        sources = [str(a) for a, _ in zip(hosts, range(size))]
+        sources = _sources(ipaddress.ip_network(source, strict=False), size)
     return [udp_packet(sources[i % len(sources)], target, rng.randrange(1024, 65536), port,
                        payload(kind, rng, public_key), ident=i & 0xFFFF)
             for i in range(size)]
+
+
+def _sources(net, size: int) -> list[str]:
+    """Up to `size` addresses of `net`: hosts for IPv4; for IPv6 one in each
+    /64 when the network holds several, since a /64 is one source to a
+    rate limiter (and to WireGuard's own)."""
+    if net.version == 6 and net.prefixlen < 64:
+        count = min(size, 1 << (64 - net.prefixlen))
+        return [str(net[(i << 64) + 1]) for i in range(count)]
+    hosts = net.hosts() if net.num_addresses > 2 else iter(net)
+    return [str(a) for a, _ in zip(hosts, range(size))]
 
 
 def _route_source(target: str) -> str:

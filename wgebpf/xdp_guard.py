@@ -64,17 +64,20 @@ INDEX_MAX = 65536
 SOURCES_MAX = 16384
 
 CFG_MAC1 = 1 << 0
+CFG_LOCAL_ONLY = 1 << 1
 
 CNT_OTHER = 0
 CNT_PASSED = 1
 CNT_FRAGMENT = 2
 CNT_UNPARSED = 3
-CNT_SHORT = 4
-CNT_BAD_TYPE = 5
-CNT_BAD_LENGTH = 6
-CNT_UNKNOWN_INDEX = 7
-CNT_BAD_MAC1 = 8
-CNT_RATE_LIMITED = 9
+CNT_FORWARDED = 4
+CNT_SHORT = 5
+CNT_BAD_TYPE = 6
+CNT_BAD_LENGTH = 7
+CNT_UNKNOWN_INDEX = 8
+CNT_BAD_MAC1 = 9
+CNT_RATE_LIMITED = 10
+CNT_LAST_PASS = CNT_FORWARDED
 CNT_INITIATIONS = 16
 CNT_RESPONSES = 17
 CNT_LOAD_ONSETS = 18
@@ -126,6 +129,7 @@ COUNTER_NAMES: dict[int, str] = {
     CNT_PASSED: "passed",
     CNT_FRAGMENT: "fragment",
     CNT_UNPARSED: "unparsed",
+    CNT_FORWARDED: "forwarded",
     CNT_SHORT: "short",
     CNT_BAD_TYPE: "bad_type",
     CNT_BAD_LENGTH: "bad_length",
@@ -136,7 +140,7 @@ COUNTER_NAMES: dict[int, str] = {
     CNT_RESPONSES: "responses",
     CNT_LOAD_ONSETS: "load_onsets",
 }
-PASS_REASONS = ("other", "passed", "fragment", "unparsed")
+PASS_REASONS = ("other", "passed", "fragment", "unparsed", "forwarded")
 DROP_REASONS = ("short", "bad_type", "bad_length", "unknown_index", "bad_mac1", "rate_limited")
 
 # ---- XDP attach flags (<linux/if_link.h>) ---------------------------------
@@ -234,7 +238,8 @@ class XdpGuard:
                  force: bool = False, rate: int = PACKETS_PER_SECOND,
                  burst: int = PACKETS_BURSTABLE,
                  load_threshold: int = HANDSHAKES_PER_SECOND_UNDER_LOAD,
-                 load_hold: float = UNDER_LOAD_AFTER, public_key: bytes | None = None):
+                 load_hold: float = UNDER_LOAD_AFTER, public_key: bytes | None = None,
+                 local_only: bool = True):
         if mode not in MODES:
             raise ValueError(f"XDP mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.ifname = ifname
@@ -253,6 +258,7 @@ class XdpGuard:
             self.set_rate(rate, burst)
             self.set_load_threshold(load_threshold, load_hold)
             self.set_public_key(public_key)
+            self.set_local_only(local_only)
             self.set_port(listen_port)
         except BaseException:
             self.bpf.cleanup()
@@ -368,6 +374,16 @@ class XdpGuard:
                 raise ValueError("a public key is 32 bytes")
             self._config.mac1_h[:] = mac1_state(public_key)
             self._config.flags |= CFG_MAC1
+        self._write_config()
+
+    def set_local_only(self, on: bool) -> None:
+        """Judge only datagrams the FIB delivers to this host (pass what it
+        would forward). Costs a FIB lookup per datagram to the port when
+        the device forwards; off judges every datagram to the port."""
+        if on:
+            self._config.flags |= CFG_LOCAL_ONLY
+        else:
+            self._config.flags &= ~CFG_LOCAL_ONLY
         self._write_config()
 
     def _write_config(self) -> None:
