@@ -8,6 +8,10 @@ wireguard-go as the peer.
 host A as well. That checks the tests themselves against a known-good
 implementation; tests marked `wgebpf_only` (they drive wgebpf's own CLI or
 test-only overrides) are deselected in that mode, not skipped.
+
+wgebpf on A runs in several data-plane variants (A_VARIANTS). Every interop
+test runs the default; tests marked `variants` (a representative subset)
+run once per variant, as test_x[allowedips], test_x[workers1], ...
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ from wgebpf import netns
 
 IMPLEMENTATIONS = ("wgebpf", "wireguard-go")
 
+# wgebpf's own [Interface] keys for each variant of host A.
+A_VARIANTS: dict[str, dict[str, str]] = {
+    "default": {},                                  # PeerSelection nexthop, a worker per CPU
+    "allowedips": {"PeerSelection": "allowedips"},  # classic peer selection
+    "workers1": {"Workers": "1"},
+    "workers2": {"Workers": "2"},
+}
+
 
 def pytest_addoption(parser):
     parser.addoption("--a-impl", default="wgebpf", choices=IMPLEMENTATIONS,
@@ -30,6 +42,16 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "wgebpf_only: exercises wgebpf itself; deselected with --a-impl=wireguard-go")
+    config.addinivalue_line(
+        "markers", "variants: run once per wgebpf variant of host A (conftest.A_VARIANTS)")
+
+
+def pytest_generate_tests(metafunc):
+    # Only the marked subset multiplies; wireguard-go on A has no variants.
+    if ("a_variant" in metafunc.fixturenames
+            and metafunc.definition.get_closest_marker("variants")
+            and metafunc.config.getoption("--a-impl") == "wgebpf"):
+        metafunc.parametrize("a_variant", list(A_VARIANTS), indirect=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -57,6 +79,13 @@ def a_impl(request) -> str:
     return request.config.getoption("--a-impl")
 
 
+@pytest.fixture
+def a_variant(request) -> str:
+    """Function scope. The wgebpf variant on host A, a key of A_VARIANTS:
+    "default" unless the test is marked `variants` and parametrized."""
+    return getattr(request, "param", "default")
+
+
 @pytest.fixture(scope="session")
 def root() -> None:
     """Session scope. Fails (does not skip) when not root: netns tests need it."""
@@ -79,15 +108,29 @@ def topo(request, root) -> netns.TwoHosts:
 
 
 @pytest.fixture
-def make_pair(topo, a_impl):
+def make_pair(topo, a_impl, a_variant):
     """Function scope; needs `topo`. A factory: make_pair(**kwargs) starts A
-    (the --a-impl implementation) and B (wireguard-go) as each other's peer
-    and returns (a, b). kwargs are those of wgebpf.netns.make_pair:
-    endpoints=a|b|both|none, family=4|6, psk=..., a_env={...}, configs=(...)."""
+    (the --a-impl implementation, in the `a_variant` variant) and B
+    (wireguard-go) as each other's peer and returns (a, b). kwargs are those
+    of wgebpf.netns.make_pair: endpoints=a|b|both|none, family=4|6, psk=...,
+    a_env={...}, configs=(...), a_extra={...}."""
     def factory(**kwargs):
         kwargs.setdefault("a_impl", a_impl)
-        return netns.make_pair(topo, **kwargs)
+        kwargs.setdefault("a_extra", A_VARIANTS[a_variant])
+        a, b = netns.make_pair(topo, **kwargs)
+        if a_variant != "default" and kwargs["a_impl"] == "wgebpf":
+            _check_variant(a, A_VARIANTS[a_variant])
+        return a, b
     return factory
+
+
+def _check_variant(a: netns.Wgebpf, keys: dict[str, str]) -> None:
+    # A variant that silently did not apply would pass as the default one.
+    status = a.status()
+    if "PeerSelection" in keys:
+        assert status["peer_selection"] == keys["PeerSelection"], status
+    if "Workers" in keys:
+        assert len(status["workers"]) == int(keys["Workers"]), status["workers"]
 
 
 @pytest.fixture

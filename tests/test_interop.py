@@ -7,6 +7,11 @@ wgebpf_only are then deselected.
 
 Sections: handshake, traffic, keys, roaming, live `wg set`, timers (rekey,
 keepalive), cookies, no-peer handling, lifecycle (detach, show, socket).
+
+Tests marked `variants` also run against wgebpf's other data-plane variants
+(classic allowed-ips peer selection, 1 and 2 workers; conftest.A_VARIANTS):
+a subset that covers handshakes, traffic, rekeying, roaming and live
+changes, so CI time stays reasonable.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from wgebpf.netns import (A_PORT, A_TUNNEL4, A_TUNNEL6, A_UNDERLAY4, A_UNDERLAY6
 pytestmark = [pytest.mark.netns, pytest.mark.interop]
 
 wgebpf_only = pytest.mark.wgebpf_only
+variants = pytest.mark.variants
 
 
 def handshake_time(side: netns.WgInterface, peer_key: str) -> int:
@@ -39,6 +45,7 @@ def wait_handshake(side: netns.WgInterface, peer_key: str, timeout: float = 10) 
 # -- Handshake -----------------------------------------------------------------
 
 
+@variants
 def test_handshake_initiated_by_a(topo, make_pair):
     # Only A knows an endpoint, so only A can start the handshake.
     a, b = make_pair(endpoints="a")
@@ -50,6 +57,7 @@ def test_handshake_initiated_by_a(topo, make_pair):
     assert handshake_time(a, b.public_key) > 0 and handshake_time(b, a.public_key) > 0
 
 
+@variants
 def test_handshake_initiated_by_b(topo, make_pair):
     a, b = make_pair(endpoints="b")
     assert a.peer(b.public_key).endpoint is None
@@ -74,6 +82,7 @@ def test_handshake_over_ipv6_underlay(topo, make_pair, endpoints):
 # -- Traffic -------------------------------------------------------------------
 
 
+@variants
 def test_ping_both_ways_v4_and_v6(topo, make_pair):
     make_pair()
     cases = [  # (from, to)
@@ -94,6 +103,7 @@ def test_ping_large_packets_fill_the_mtu(topo, make_pair):
         assert out.returncode == 0, out.stdout
 
 
+@variants
 @pytest.mark.parametrize("direction", ["a_to_b", "b_to_a"])
 def test_iperf3_tcp(topo, make_pair, direction):
     a, b = make_pair()
@@ -142,6 +152,7 @@ def test_wrong_public_key_does_not_connect(topo, make_pair):
 # -- Roaming -------------------------------------------------------------------
 
 
+@variants
 def test_roaming_to_a_new_address(topo, make_pair):
     a, b = make_pair()
     assert netns.ping(topo.b, A_TUNNEL4, count=2, timeout=10)
@@ -172,6 +183,7 @@ def test_roaming_to_another_host(topo, make_pair, host_c):
 # -- Live `wg set` on A --------------------------------------------------------
 
 
+@variants
 def test_wg_set_add_peer(topo, make_pair, host_c):
     a, b = make_pair()
     c_cfg = netns.InterfaceConfig(
@@ -197,6 +209,7 @@ def test_wg_set_remove_peer(topo, make_pair):
     assert not netns.ping(topo.b, A_TUNNEL4, count=1, timeout=3)
 
 
+@variants
 def test_wg_set_allowed_ips(topo, make_pair):
     # B answers for a second address; A reaches it only while B's allowed-ips
     # on A include it (the address is on-link on A's /24, so no route changes).
@@ -276,6 +289,7 @@ def test_wg_set_listen_port(topo, make_pair):
 # -- Timers --------------------------------------------------------------------
 
 
+@variants
 @wgebpf_only
 def test_rekey_after_time(topo, make_pair):
     # A initiates (only it knows an endpoint), so the shortened

@@ -22,6 +22,10 @@ The standard two-host topology (TwoHosts), as the interop tests use it:
                                               |   C subnets via B              |
                                               +--------------------------------+
 
+For topologies of more hosts, Lan is an underlay shared by any number of
+them (a bridge alone in a namespace of its own), and Bird runs the BIRD
+routing daemon in a namespace; tests/test_nexthop.py draws such a topology.
+
 Everything is made with `ip -n NS ...` or `ip netns exec NS ...`: the root
 namespace's links, routes and firewall are never touched. Namespace and
 interface names carry a random per-run id, because UAPI sockets live in the
@@ -596,6 +600,12 @@ class Wgebpf(WgInterface):
         """`wgebpf ARGS...` in this namespace."""
         return self.ns.run(wgebpf_argv() + list(args), check=check, timeout=timeout)
 
+    def status(self) -> dict:
+        """`wgebpf status NAME`, parsed: peers (by public key), workers, drops,
+        classifier and next-hop counters. Workers report about every 0.5 s,
+        so poll it with wait_until rather than reading it once."""
+        return json.loads(self.cli("status", self.ifname).stdout)
+
     def kill(self) -> None:
         """SIGKILL the attach process alone, as a crash would."""
         if self.proc is not None and self.proc.poll() is None:
@@ -765,6 +775,98 @@ def _parse_ethernet_udp(frame: bytes) -> UdpPacket | None:
     return UdpPacket(src, sport, dst, dport, udp[8:length])
 
 
+# -- A shared underlay LAN ----------------------------------------------------
+
+
+class Lan:
+    """An underlay LAN for any number of hosts: a bridge alone in a namespace
+    of its own, each host joined to it by a veth pair.
+
+        host X --veth-- [ lan namespace: bridge ] --veth-- host Y
+
+    The bridge has no address and STP is off, so a port forwards as soon as
+    it is up. Nothing of it exists in the root namespace.
+    """
+
+    def __init__(self, role: str = "lan"):
+        self.ns = Namespace(role)
+        self.bridge = "br0"  # alone in its namespace: no need for a unique name
+        self.ns.ip("link", "add", self.bridge, "type", "bridge")
+        self.ns.ip("link", "set", self.bridge, "up")
+
+    def __repr__(self) -> str:
+        return f"Lan({self.ns.name})"
+
+    def join(self, host: Namespace, addrs: Iterable[str] = ()) -> str:
+        """Plug host into the LAN with addrs; returns the host's interface name."""
+        name, port = veth(host, self.ns, addrs, (), prefix_a="ul", prefix_b="lp")
+        self.ns.ip("link", "set", port, "master", self.bridge)
+        return name
+
+    def close(self) -> None:
+        self.ns.close()
+
+
+# -- BIRD (the routing daemon) -------------------------------------------------
+
+
+class Bird:
+    """BIRD 2 in a namespace, with its own config, control socket and pid file
+    in a temporary directory (BIRD's defaults under /run are one per machine,
+    and every namespace would share them). Runs in the foreground with its
+    log on stderr, kept in `log_path`; stopped by its PID."""
+
+    def __init__(self, ns: Namespace, config: str, name: str = "bird"):
+        self.ns, self.name = ns, name
+        self.tmpdir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+        self.config_path = self.tmpdir / "bird.conf"
+        self.socket_path = self.tmpdir / "bird.ctl"
+        self.pid_path = self.tmpdir / "bird.pid"
+        self.log_path = self.tmpdir / "log"
+        self.config_path.write_text(config)
+        self.proc: subprocess.Popen | None = None
+        _register(self)
+
+    def __repr__(self) -> str:
+        return f"Bird({self.ns.name}/{self.name})"
+
+    def start(self, timeout: float = 15) -> "Bird":
+        with open(self.log_path, "wb") as log:
+            self.proc = self.ns.popen(["bird", "-f", "-c", self.config_path,
+                                       "-s", self.socket_path, "-P", self.pid_path],
+                                      stdout=log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise StartError(f"{self!r} exited {self.proc.returncode}:\n{self.log()}")
+            return self.birdc("show", "status", check=False).returncode == 0
+        if not wait_until(ready, timeout, 0.2):
+            raise StartError(f"{self!r}: control socket did not answer within "
+                             f"{timeout} s:\n{self.log()}")
+        return self
+
+    def birdc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`birdc -s SOCK ARGS...` (birdc exits 0 even when BIRD reports an error)."""
+        return self.ns.run(["birdc", "-s", self.socket_path, *args], check=check)
+
+    def established(self, protocol: str) -> bool:
+        """True when BGP protocol `protocol` is in state Established."""
+        out = self.birdc("show", "protocols", protocol, check=False).stdout
+        return "Established" in out
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def close(self) -> None:
+        if self.proc is not None:
+            _stop_process(self.proc, signal.SIGTERM, 5)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        _unregister(self)
+
+
 # -- The two-host topology ----------------------------------------------------
 
 
@@ -857,9 +959,16 @@ def make_pair(topo: TwoHosts, a_impl: str = "wgebpf", b_impl: str = "wireguard-g
               endpoints: str = "both", family: int = 4, psk: str | None = None,
               a_env: dict[str, str] | None = None,
               configs: tuple[InterfaceConfig, InterfaceConfig] | None = None,
+              a_extra: dict[str, str] | None = None,
               ) -> tuple[WgInterface, WgInterface]:
-    """Start A and B as each other's peer on the standard topology (B first)."""
+    """Start A and B as each other's peer on the standard topology (B first).
+
+    a_extra: wgebpf's own [Interface] keys for A (e.g. {"Workers": "2"});
+    ignored when A is not wgebpf, which has no such keys.
+    """
     a_cfg, b_cfg = configs or side_configs(endpoints=endpoints, family=family, psk=psk)
+    if a_extra and a_impl == "wgebpf":
+        a_cfg.extra.update(a_extra)
     b = topo.track(make_side(b_impl, topo.b, b_cfg, underlay=topo.underlay_b, tag="wgb"))
     b.start()
     a = topo.track(make_side(a_impl, topo.a, a_cfg, underlay=topo.underlay_a, tag="wga",
