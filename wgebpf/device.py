@@ -8,6 +8,7 @@ kernel in production. Packets flow through send.py and receive.py.
 """
 
 import collections
+import errno
 import ipaddress
 import logging
 import os
@@ -27,8 +28,14 @@ from .timers import Timing
 log = logging.getLogger("wgebpf")
 
 
-class DeviceError(Exception):
-    pass
+class DeviceError(OSError):
+    """A request the device cannot honour; carries an errno for the UAPI."""
+
+    def __init__(self, message: str, code: int = errno.EINVAL):
+        super().__init__(code, message)
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 class _Actions:
@@ -170,10 +177,14 @@ class Device:
         if public_key == self.identity.public_key:
             raise DeviceError("a peer cannot have the interface's own public key")
         if len(self.peers) >= MAX_PEERS:
-            raise DeviceError("too many peers")
+            raise DeviceError("too many peers", errno.ENOSPC)
         peer = Peer(self, public_key)
+        try:
+            self.dataplane.peer_added(peer)      # may refuse: no queue left
+        except BaseException:
+            peer.timers.stop()
+            raise
         self.peers[public_key] = peer
-        self.dataplane.peer_added(peer)
         return peer
 
     def remove_peer(self, public_key: bytes) -> None:

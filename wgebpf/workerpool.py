@@ -20,6 +20,7 @@ Implements the same hooks as device.LocalDataplane.
 """
 
 import collections
+import errno
 import logging
 import os
 import select
@@ -185,7 +186,7 @@ class WorkerPool:
             if slot not in self.peer_by_slot:
                 return slot
         raise DeviceError(f"at most {MAX_SLOTS} peers: a TUN device has at most 256 queues "
-                          "and queue 0 belongs to the control plane")
+                          "and queue 0 belongs to the control plane", errno.ENOSPC)
 
     def _least_loaded(self) -> WorkerHandle:
         return min(self.workers, key=lambda w: (len(w.slots), w.position))
