@@ -519,6 +519,43 @@ def test_two_workers_split_four_peers_and_survive_a_killed_worker(hosts):
     assert all(handshakes[p] == handshakes0[p] for p in survivors), (handshakes0, handshakes)
 
 
+def test_removing_a_peer_rebalances_with_sessions_and_no_interruption(hosts):
+    """Workers = 2, peers B C D: one worker holds two. Removing the other
+    worker's only peer (live, `wg set ... remove`) moves one peer over, with
+    its keypairs and replay window: no re-handshake, and pings to both
+    remaining peers carry on through the move."""
+    h = hosts("bcd", {"Workers": "2"})
+    status = h.status()
+    slot = {p: status["peers"][h.pub[p]]["slot"] for p in h.peers}
+    own = owners(status)
+    lonely = next(w for w, slots in own.items() if len(slots) == 1)
+    busy = next(w for w, slots in own.items() if len(slots) == 2)
+    (gone,) = [p for p in h.peers if slot[p] in own[lonely]]
+    stay = [p for p in h.peers if p != gone]
+    handshakes0 = {p: status["peers"][h.pub[p]]["handshakes_completed"] for p in stay}
+    streams = {p: h.a.popen(["ping", "-n", "-c", "40", "-i", "0.1", "-W", "1", tunnel4(p)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for p in stay}
+    time.sleep(1.0)
+    h.wg["a"].remove_peer(h.pub[gone])
+    for p, proc in streams.items():
+        out, _ = proc.communicate(timeout=30)
+        sent, received = netns.ping_stats(out)
+        assert received >= sent - 2, f"{p} lost packets during the rebalance:\n{out}"
+
+    def balanced(s: dict) -> bool:
+        return sorted(len(v) for v in owners(s).values()) == [1, 1]
+    status = wait_status(h, balanced)
+    assert balanced(status), status["workers"]
+    moved = [p for p in stay if slot[p] in owners(status)[lonely]]
+    assert len(moved) == 1 and slot[moved[0]] in own[busy], (own, owners(status))
+    peers = status["peers"]
+    assert all(peers[h.pub[p]]["handshakes_completed"] == handshakes0[p] for p in stay), \
+        "a moved peer must keep its session, not re-handshake"
+    assert peers[h.pub[moved[0]]]["worker"] == lonely
+    assert not pings([(h.a, tunnel4(p)) for p in stay])
+
+
 # -- The peer limit ---------------------------------------------------------------------
 # TUN queue 0 belongs to the control plane, leaving 255 queues, so 255 peers.
 
