@@ -10,6 +10,11 @@
  * passes untouched: other ports, other protocols, non-IP frames, VLAN-tagged
  * frames (they belong to a VLAN device, not to a socket bound to this one).
  *
+ * First, with WGX_CFG_LOCAL_ONLY: is the datagram for this host? When the
+ * device forwards, the FIB is asked as the kernel will ask it, and what it
+ * would route on to another host passes (FORWARDED): a router running
+ * wgebpf must not filter its neighbours' WireGuard on the same port.
+ *
  * Checks on a datagram to the port, cheapest first; the first that fails
  * drops it and counts why (xdp_guard.h, WGX_CNT_*):
  *   1. UDP length equals the IP payload length (a lying length would make
@@ -51,8 +56,9 @@
  *
  * Return value:
  *   XDP_PASS  not ours (OTHER), a later fragment (FRAGMENT), an extension
- *             chain too long to walk (UNPARSED), or a datagram that passed
- *             every check (PASSED): the kernel's receive path takes it on
+ *             chain too long to walk (UNPARSED), routed through this host
+ *             (FORWARDED), or a datagram that passed every check (PASSED):
+ *             the kernel's receive path takes it on
  *   XDP_DROP  a datagram to the port that failed a check; counted under the
  *             first reason it failed
  * Every packet is counted under exactly one verdict in wgx_counters.

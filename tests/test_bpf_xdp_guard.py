@@ -25,7 +25,6 @@ import random
 import re
 import socket
 import struct
-import subprocess
 import time
 from contextlib import contextmanager
 

@@ -20,6 +20,16 @@ seconds: demand cookies).
 Names and layouts mirror bpf/xdp_guard.h; tests/test_bpf_xdp_guard.py checks
 them against the compiler. Like the other loaders, call attach() and
 detach() from inside the network namespace of the device.
+
+Native XDP on veth (checked on 6.18): XDP_PASS and XDP_DROP need nothing
+on the peer; a program on the peer (or GRO) is needed only to XDP_TX or
+redirect into a veth, which we never do. What the kernel does require:
+the peer's MTU must fit a page (about 3.5 KiB) unless the program handles
+multi-buffer frames, and our rx queues must not be fewer than the peer's
+tx queues; otherwise native attach fails (ERANGE, ENOSPC) and mode "auto"
+falls back to generic. While a native program is attached the kernel also
+turns off TSO on the peer veth (restored on detach): WireGuard's UDP is
+not affected, TCP over the bare veth segments in software.
 """
 
 from __future__ import annotations
