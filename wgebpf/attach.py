@@ -26,6 +26,7 @@ from .reuseport import ReuseportSteering
 from .tun_steer import TunSteering
 from .uapi import UAPIServer
 from .workerpool import WorkerPool, default_workers
+from .xdp_guard import XdpGuard
 
 log = logging.getLogger("wgebpf")
 
@@ -74,8 +75,12 @@ def set_sysctl(path: str, value: str) -> None:
 class Attachment:
     """One running interface: TUN, sockets, device, UAPI, routes, hooks."""
 
-    def __init__(self, underlay: str, config: Config, name: str):
+    def __init__(self, underlay: str, config: Config, name: str, xdp_mode: str = "auto",
+                 force: bool = False):
         self.underlay = underlay
+        self.xdp_mode = xdp_mode
+        self.force = force
+        self.xdp = None
         self.config = config
         self.name = name
         self.pool = None
@@ -115,6 +120,7 @@ class Attachment:
         self.device.source_policy = iface.source_policy
         self.device.peer_selection = iface.peer_selection
         self.device.force_under_load = os.environ.get("WGEBPF_TEST_FORCE_UNDER_LOAD") == "1"
+        self._guard_underlay()
         self.pool = WorkerPool(self.device, self.tun, self.conn, workers, self.classifier,
                                self.reuseport, self.selector)
         self.device.dataplane = self.pool
@@ -123,8 +129,7 @@ class Attachment:
         self.pool.start()
         self.conn.on_rebind = self._sockets_changed
         self.uapi = UAPIServer(self.name, self.device, self.device.lock)
-        self.uapi.extensions["wgebpf-status=1"] = status.handler(self.device, self.pool,
-                                                                  self.classifier)
+        self.uapi.extensions["wgebpf-status=1"] = status.handler(self.device, self)
         self.uapi.start()
         self.state.socket_path = self.uapi.path
         self.state.save()
@@ -159,13 +164,33 @@ class Attachment:
         from .metrics import MetricsServer
         def snapshot() -> dict:
             with self.device.lock:
-                return status.snapshot(self.device, self.pool, self.classifier)
+                return status.snapshot(self.device, self)
         compat = getattr(self.config.interface, "metrics_compat", False)
         self.metrics = MetricsServer(address, snapshot, compat=compat)
         self.metrics.start()
         log.info("%s: metrics on http://%s/metrics", self.name, address)
 
+    def _guard_underlay(self) -> None:
+        """XDP on the underlay: junk to the listen port dies in the driver,
+        handshakes are rate-limited per source (xdp_guard.c). The guard
+        mirrors the session indices and feeds the under-load decision."""
+        if self.xdp_mode == "off":
+            return
+        self.xdp = XdpGuard(self.underlay, self.conn.listen_port, mode=self.xdp_mode,
+                            force=self.force, public_key=self.device.public_key)
+        self.state.xdp = self.xdp.attach()
+        self.state.save()
+        if self.xdp.replaced:
+            log.warning("%s: replaced XDP program %s on %s (--force)", self.name,
+                        self.xdp.replaced, self.underlay)
+        self.device.index_watchers.append(self.xdp)
+        self.device.external_load = self.xdp.under_load
+        self.device.identity_changed = lambda: self.xdp.set_public_key(self.device.public_key)
+        log.info("%s: XDP guard on %s (%s mode)", self.name, self.underlay, self.xdp.mode)
+
     def _sockets_changed(self) -> None:
+        if self.xdp is not None:
+            self.xdp.set_port(self.conn.listen_port)
         self._register_sockets()
         self.pool.sockets_changed()
 
@@ -259,6 +284,7 @@ class Attachment:
             ("classifier", lambda: self.classifier and self.classifier.close()),
             ("steering", lambda: self.steering and self.steering.close()),
             ("reuseport", lambda: self.reuseport and self.reuseport.close()),
+            ("XDP guard", lambda: self.xdp and self.xdp.close()),
             ("routes", lambda: link.remove_routes(self.routes)),
             ("sockets", lambda: self.conn and self.conn.close()),
             ("TUN", lambda: self.tun and self.tun.close()),
@@ -272,8 +298,9 @@ class Attachment:
                 log.error("%s: removing %s failed: %s", self.name, what, exc)
 
 
-def attach(underlay: str, config: Config, name: str) -> None:
-    attachment = Attachment(underlay, config, name)
+def attach(underlay: str, config: Config, name: str, xdp_mode: str = "auto",
+           force: bool = False) -> None:
+    attachment = Attachment(underlay, config, name, xdp_mode, force)
     # Signals during bring-up must still lead to a full take-down.
     previous = {sig: signal.signal(sig, attachment._on_signal)
                 for sig in (signal.SIGINT, signal.SIGTERM)}

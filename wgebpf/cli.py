@@ -30,6 +30,11 @@ def attach(
     metrics_compat: bool = typer.Option(False, "--metrics-compat",
                                         help="also expose wireguard_* names that community "
                                              "WireGuard dashboards query"),
+    xdp: str = typer.Option("auto", "--xdp", metavar="MODE",
+                            help="XDP guard on UNDERLAY: auto (native, else generic), native, "
+                                 "generic, or off"),
+    force: bool = typer.Option(False, "--force",
+                               help="replace an XDP program on UNDERLAY that wgebpf did not load"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
 ):
     """Create interface NAME from CONFIG, carry traffic over UNDERLAY until
@@ -54,10 +59,12 @@ def attach(
             fail(f"--metrics: {exc}", 2)
     if metrics_compat:
         cfg.interface.metrics_compat = True
+    if xdp not in ("auto", "native", "generic", "off"):
+        fail(f"--xdp: {xdp!r} is not one of auto, native, generic, off", 2)
     if os.geteuid() != 0:
         fail("attach needs root (CAP_NET_ADMIN)")
     try:
-        run_attach(underlay, cfg, name)
+        run_attach(underlay, cfg, name, xdp, force)
     except (AttachError, OSError) as exc:
         fail(f"attach {name}: {exc}")
     except Exception as exc:  # hooks, netlink: report, never a traceback wall

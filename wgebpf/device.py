@@ -121,10 +121,13 @@ class Device:
         self.peers: dict[bytes, Peer] = {}
         self.allowed_ips = AllowedIPs()
         self.indices: dict[int, tuple] = {}
+        self.index_watchers: list = []
         self.ratelimiter = RateLimiter(clock=self.clock.monotonic)
         self.cookie_checker = CookieChecker(self.identity.public_key, self.clock,
                                             self.ratelimiter.allow)
         self.force_under_load = False
+        self.external_load = lambda: False      # the XDP guard's view, when attached
+        self.identity_changed = lambda: None
         self._handshake_times: collections.deque = collections.deque()
         self._last_under_load = -1e18
         self.drops: collections.Counter = collections.Counter()
@@ -156,6 +159,7 @@ class Device:
         for peer in self.peers.values():
             peer.handshake.precompute(self.identity)
             self.zero_key_material(peer)
+        self.identity_changed()
 
     def set_listen_port(self, port: int) -> None:
         if self.conn is not None:
@@ -219,25 +223,31 @@ class Device:
 
     # --- session indices (receiver index -> handshake or keypair) -----------------
 
+    # Watchers mirror the live indices elsewhere: the XDP guard's map (so it
+    # can drop data for dead sessions), or, in a worker, the list of
+    # released indices it reports to the control plane.
+
     def new_index(self, peer, owner) -> int:
         while True:
             index = int.from_bytes(os.urandom(4), "little")
             if index and index not in self.indices:
                 self.indices[index] = (peer, owner)
+                for watcher in self.index_watchers:
+                    watcher.add_index(index)
                 return index
 
-    def drop_index(self, index: int) -> None:
-        self.indices.pop(index, None)
+    def forget_index(self, index: int) -> None:
+        if self.indices.pop(index, None) is not None:
+            for watcher in self.index_watchers:
+                watcher.remove_index(index)
+
+    drop_index = forget_index
 
     def release_retired_keypairs(self, peer) -> None:
         for keypair in peer.keypairs.take_retired():
             entry = self.indices.get(keypair.local_index)
             if entry is not None and entry[1] is keypair:
-                del self.indices[keypair.local_index]
-                self.index_released(keypair.local_index)
-
-    def index_released(self, index: int) -> None:
-        """Hook: a session index is gone (a worker tells the control plane)."""
+                self.forget_index(keypair.local_index)
 
     def install_keypair(self, peer, keypair) -> None:
         """A new session: it takes over the handshake's index, and goes to
@@ -272,7 +282,8 @@ class Device:
         times.append(now)
         while times and now - times[0] > 1.0:
             times.popleft()
-        if self.force_under_load or len(times) > HANDSHAKES_PER_SECOND_UNDER_LOAD:
+        if (self.force_under_load or len(times) > HANDSHAKES_PER_SECOND_UNDER_LOAD
+                or self.external_load()):
             self._last_under_load = now
             return True
         return now - self._last_under_load < UNDER_LOAD_AFTER

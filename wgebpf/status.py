@@ -13,7 +13,12 @@ def _b64(key: bytes) -> str:
     return base64.b64encode(key).decode()
 
 
-def collect(device, pool=None, classifier=None) -> dict:
+def collect(device, parts=None) -> dict:
+    """`parts` holds the kernel-side pieces when attached (attach.Attachment:
+    .pool, .classifier, .xdp); None for a bare device."""
+    pool = getattr(parts, "pool", None)
+    classifier = getattr(parts, "classifier", None)
+    xdp = getattr(parts, "xdp", None)
     worker_of = pool.worker_of if pool is not None else {}
     now = device.clock.monotonic()
     peers = {}
@@ -45,6 +50,9 @@ def collect(device, pool=None, classifier=None) -> dict:
         "handshake_duration_seconds": device.handshake_durations.snapshot(),
         "workers": pool.status() if pool is not None else [],
     }
+    if xdp is not None:
+        status["xdp_mode"] = xdp.mode
+        status["xdp"] = xdp.counters()
     if classifier is not None:
         status["classifier"] = classifier.counters()
         status["nexthops"] = {str(ip): {"packets": p, "bytes": b,
@@ -74,15 +82,16 @@ def tun_queue_drops(name: str) -> dict:
         return {}
 
 
-def snapshot(device, pool=None, classifier=None) -> dict:
+def snapshot(device, parts=None) -> dict:
     """Fresh numbers: the workers are asked for theirs first. Call with
     the device lock held."""
+    pool = getattr(parts, "pool", None)
     if pool is not None:
         pool.refresh()
-    return collect(device, pool, classifier)
+    return collect(device, parts)
 
 
-def handler(device, pool=None, classifier=None):
+def handler(device, parts=None):
     def wgebpf_status(body: list[str]):
-        return json.dumps(snapshot(device, pool, classifier), sort_keys=True), 0
+        return json.dumps(snapshot(device, parts), sort_keys=True), 0
     return wgebpf_status

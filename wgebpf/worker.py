@@ -165,7 +165,7 @@ class Worker:
         self.events: dict[int, int] = {}
         self.outbox: list[tuple] = []
         self.released: list[int] = []
-        self.device.index_released = self.released.append
+        self.device.index_watchers.append(self)
         self.last_request: dict[int, float] = {}
         self.counters = {"rx_packets": 0, "tx_packets": 0, "rx_bytes": 0, "tx_bytes": 0}
         self.selector = selectors.DefaultSelector()
@@ -278,6 +278,14 @@ class Worker:
         self.running = False
 
     # --- requests to the control plane ----------------------------------------------
+
+    # An index watcher (device.index_watchers): the control plane learns which
+    # session indices died here, to unmap them from receive steering.
+    def add_index(self, index: int) -> None:
+        pass
+
+    def remove_index(self, index: int) -> None:
+        self.released.append(index)
 
     def request_handshake(self, peer) -> None:
         now = time.monotonic()

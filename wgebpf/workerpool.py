@@ -175,7 +175,7 @@ class WorkerPool:
     def _forget_sessions(self, peer) -> None:
         for index, (owner, thing) in list(self.device.indices.items()):
             if owner is peer and thing is not peer.handshake:
-                del self.device.indices[index]
+                self.device.forget_index(index)
                 if self.reuseport is not None:
                     self.reuseport.remove_index(index)
 
@@ -375,7 +375,7 @@ class WorkerPool:
         for index in indices:
             entry = self.device.indices.get(index)
             if entry is not None and entry[1] is not entry[0].handshake:
-                del self.device.indices[index]
+                self.device.forget_index(index)
             if self.reuseport is not None:
                 self.reuseport.remove_index(index)
 
