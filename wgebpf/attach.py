@@ -13,7 +13,7 @@ import selectors
 import signal
 import socket
 
-from . import link, send, status
+from . import link, send, settings, status
 from .config import Config
 from .conn import UDPConn
 from .device import Device
@@ -130,6 +130,7 @@ class Attachment:
         self.conn.on_rebind = self._sockets_changed
         self.uapi = UAPIServer(self.name, self.device, self.device.lock)
         self.uapi.extensions["wgebpf-status=1"] = status.handler(self.device, self)
+        self.uapi.extensions["wgebpf-set=1"] = settings.handler(self.device)
         self.uapi.start()
         self.state.socket_path = self.uapi.path
         self.state.save()

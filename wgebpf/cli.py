@@ -99,6 +99,42 @@ def show(name: str = typer.Argument(None, help="interface name (default: all)"))
         fail(str(exc))
 
 
+@app.command("set")
+def set_command(
+    name: str = typer.Argument(..., help="interface name"),
+    args: list[str] = typer.Argument(..., metavar="[peer KEY] source-policy POLICY"),
+):
+    """Change wgebpf's own settings on a running interface, live.
+
+    Examples: wgebpf set wg0 source-policy fib;
+    wgebpf set wg0 peer <base64 key> source-policy off  (or: default)
+    """
+    from .show import ShowError, uapi_request
+    lines, words = [], list(args)
+    while words:
+        word = words.pop(0)
+        if not words:
+            fail(f"set: {word!r} needs a value", 2)
+        value = words.pop(0)
+        if word == "peer":
+            try:
+                lines.append(f"public_key={keys.to_hex(keys.decode(value))}")
+            except keys.KeyFormatError as exc:
+                fail(f"set: peer: {exc}", 2)
+        elif word == "source-policy":
+            lines.append(f"source_policy={value}")
+        else:
+            fail(f"set: unknown setting {word!r} (try: source-policy)", 2)
+    try:
+        answer = uapi_request(name, "wgebpf-set=1\n" + "".join(f"{l}\n" for l in lines) + "\n")
+    except ShowError as exc:
+        fail(str(exc))
+    code = next((l.split("=", 1)[1] for l in answer if l.startswith("errno=")), "0")
+    if code != "0":
+        message = next((l for l in answer if l and not l.startswith("errno=")), f"errno {code}")
+        fail(f"set {name}: {message}")
+
+
 @app.command("status")
 def status_command(name: str = typer.Argument(..., help="interface name")):
     """Print wgebpf's own state as JSON: workers, drops by reason, eBPF

@@ -89,6 +89,9 @@ class LocalDataplane:
     def refresh(self) -> None:
         pass
 
+    def policy_changed(self) -> None:
+        pass
+
     def peer_added(self, peer) -> None:
         pass
 

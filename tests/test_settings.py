@@ -1,0 +1,41 @@
+"""`wgebpf set` (wgebpf-set=1 on the UAPI socket), unit tier."""
+
+import errno
+
+import pytest
+
+from memnet import pair
+from wgebpf import settings
+
+
+def test_interface_and_peer_source_policy():
+    clock, network, a, b = pair()
+    peer = a.device.peers[b.public_key]
+    settings.apply(a.device, ["source_policy=fib", f"public_key={b.public_key.hex()}",
+                              "source_policy=off"])
+    assert a.device.source_policy == "fib" and peer.source_policy == "off"
+    settings.apply(a.device, [f"public_key={b.public_key.hex()}", "source_policy=default"])
+    assert peer.source_policy is None
+
+
+@pytest.mark.parametrize("lines, code", [
+    (["source_policy=sideways"], errno.EINVAL),
+    (["source_policy=default"], errno.EINVAL),          # only a peer can follow the default
+    (["public_key=" + "00" * 32, "source_policy=off"], errno.ENOENT),
+    (["mtu=1280"], errno.EINVAL),
+    (["source_policy"], errno.EPROTO),
+])
+def test_bad_settings_are_refused_and_nothing_applies(lines, code):
+    clock, network, a, b = pair()
+    with pytest.raises(settings.SettingError) as err:
+        settings.apply(a.device, ["source_policy=off"] + lines)
+    assert err.value.errno == code
+    assert a.device.source_policy == "allowedips"     # the good first line did not apply either
+
+
+def test_handler_answers_text_and_errno():
+    clock, network, a, b = pair()
+    handle = settings.handler(a.device)
+    assert handle(["source_policy=nftables"]) == ("", 0)
+    text, code = handle(["source_policy=bogus"])
+    assert code == errno.EINVAL and "source_policy must be one of" in text

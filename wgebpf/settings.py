@@ -1,0 +1,57 @@
+"""`wgebpf set NAME ...`: wgebpf's own live settings, beside what `wg set`
+can change. Carried over the UAPI socket as the operation `wgebpf-set=1`
+with key=value lines, the way wg's own set works:
+
+    source_policy=fib             the interface's SourcePolicy
+    public_key=<hex>              then, for that peer:
+    source_policy=off|default     its override ("default": follow the interface)
+"""
+
+import errno
+
+from .config import SOURCE_POLICIES
+
+
+class SettingError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.errno = code
+
+
+def apply(device, lines: list[str]) -> None:
+    """Apply every line, or none if any is wrong (checked first)."""
+    steps = []
+    peer = None
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise SettingError(errno.EPROTO, f"no '=' in {line!r}")
+        if key == "public_key":
+            try:
+                peer = device.peers[bytes.fromhex(value)]
+            except (ValueError, KeyError):
+                raise SettingError(errno.ENOENT, "no such peer") from None
+        elif key == "source_policy":
+            allowed = SOURCE_POLICIES + (("default",) if peer is not None else ())
+            if value not in allowed:
+                raise SettingError(errno.EINVAL, f"source_policy must be one of {', '.join(allowed)}")
+            steps.append((peer, None if value == "default" else value))
+        else:
+            raise SettingError(errno.EINVAL, f"unknown setting {key!r}")
+    for target, policy in steps:
+        if target is None:
+            device.source_policy = policy
+        else:
+            target.source_policy = policy
+    if steps:
+        device.dataplane.policy_changed()
+
+
+def handler(device):
+    def wgebpf_set(body: list[str]):
+        try:
+            apply(device, body)
+        except SettingError as exc:
+            return str(exc), exc.errno
+        return "", 0
+    return wgebpf_set
