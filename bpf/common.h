@@ -32,6 +32,8 @@
 #define WG_MAP_COUNTERS		"wg_counters"	/* percpu_array[WG_CNT_MAX] of __u64 */
 #define WG_MAP_NEXTHOPS		"wg_nexthops"	/* lru_percpu_hash wg_nexthop_key -> wg_nexthop_stats */
 #define WG_MAP_RXINDEX		"wg_rxindex"	/* hash __u32 receiver index -> __u32 socket position */
+#define WG_MAP_POLICIES		"wg_policies"	/* array[WG_QUEUES_MAX] slot -> __u32 WG_POLICY_* */
+#define WG_MAP_POLICY_CNT	"wg_policy_cnt"	/* percpu_array[WG_QUEUES_MAX] slot -> wg_policy_counts */
 
 /* Sizes. The tries are not preallocated (BPF_F_NO_PREALLOC is mandatory for
  * LPM tries), so a large bound costs nothing until used: a classic config
@@ -50,11 +52,20 @@
  * queues:    number of TUN queues. A slot >= queues would wrap around
  *            (the TUN takes the steering result modulo the queue count) and
  *            land on another peer's queue, so the classifier sends it to
- *            queue 0 instead and counts WG_CNT_NO_QUEUE. */
+ *            queue 0 instead and counts WG_CNT_NO_QUEUE.
+ * policy:    the source policy (WG_POLICY_*) of every peer whose entry in
+ *            wg_policies is WG_POLICY_DEFAULT; 0 reads as allowedips.
+ * mark_mask, mark_shift:
+ *            where the nftables policy puts the peer's slot in skb->mark:
+ *            mark = (mark & ~mask) | ((slot << shift) & mask); shift is the
+ *            mask's lowest set bit (the program has no ctz instruction). */
 struct wg_config {
 	__u32 flags;
 	__u32 fib_flags;
 	__u32 queues;
+	__u32 policy;
+	__u32 mark_mask;
+	__u32 mark_shift;
 };
 
 /* Classic WireGuard rule: the destination itself is the key and no FIB
@@ -173,6 +184,32 @@ struct wg_fib_lookup {
 #define WG_FIB_RET_NO_NEIGH		7
 #define WG_FIB_RET_FRAG_NEEDED		8
 #define WG_FIB_RET_NO_SRC_ADDR		9
+
+/* ---- Source policy (policy.c, tc ingress) --------------------------------
+ * A packet a worker writes to TUN queue k reaches tc ingress with
+ * skb->queue_mapping = k + 1 (0: no queue recorded), so the sending peer's
+ * slot is queue_mapping - 1. wg_policies[slot] picks the peer's policy;
+ * WG_POLICY_DEFAULT there means wg_config.policy. */
+#define WG_POLICY_DEFAULT	0	/* per-slot only: follow wg_config.policy */
+#define WG_POLICY_ALLOWEDIPS	1	/* source's longest match in wg_peers4/6 is this slot */
+#define WG_POLICY_FIB		2	/* the route back to the source goes via this slot */
+#define WG_POLICY_NFTABLES	3	/* no check: put the slot in skb->mark for nftables */
+#define WG_POLICY_OFF		4	/* no check */
+#define WG_POLICY_MAX		4
+
+/* Verdicts, one counter each per slot (row 0: packets from the control
+ * plane's queue, or with no queue recorded, which pass untouched). */
+#define WG_POL_ACCEPTED		0	/* passed the check (or policy off) */
+#define WG_POL_DROP_ALLOWEDIPS	1	/* allowedips: source not this peer's: TC_ACT_SHOT */
+#define WG_POL_DROP_FIB		2	/* fib: route back goes via another peer or none: SHOT */
+#define WG_POL_FIB_FAILED	3	/* fib: no route back (lookup gave no next hop): SHOT */
+#define WG_POL_MARKED		4	/* nftables: marked and passed */
+#define WG_POL_NOT_IP		5	/* allowedips/fib: no whole IPv4/IPv6 header to check: SHOT */
+#define WG_POL_CNT_MAX		8
+
+struct wg_policy_counts {
+	__u64 n[WG_POL_CNT_MAX];	/* indexed by WG_POL_* */
+};
 
 /* ---- Receive steering (reuseport.c) --------------------------------------
  * WireGuard message header: a little-endian __u32 whose low byte is the

@@ -217,9 +217,12 @@ static __always_inline int ask_fib(struct __sk_buff *skb, struct wg_fib_lookup *
  * WG_CNT_FIB_OTHER_DEV. If even that answer is another device (IPv6 only
  * prefers the output device), the destination is the key, as in allowedips
  * mode, counted as WG_CNT_FIB_DEST_FALLBACK.
+ * `events`: whether to count those two events in wg_counters (the
+ * classifier does; policy.c's reverse-path lookup must not add to the
+ * classifier's counters).
  */
 static __always_inline int fib_nexthop(struct __sk_buff *skb, struct wg_fib_lookup *fib,
-				       struct wg_nexthop_key *key, u32 fib_flags)
+				       struct wg_nexthop_key *key, u32 fib_flags, int events)
 {
 	struct wg_fib_lookup in;
 	int reason;
@@ -229,11 +232,13 @@ static __always_inline int fib_nexthop(struct __sk_buff *skb, struct wg_fib_look
 	__builtin_memcpy(&in, fib, sizeof(in));
 	reason = ask_fib(skb, fib, fib_flags & ~WG_FIB_LOOKUP_OUTPUT);
 	if (!reason && fib->ifindex != skb->ifindex) {
-		count(WG_CNT_FIB_OTHER_DEV);
+		if (events)
+			count(WG_CNT_FIB_OTHER_DEV);
 		__builtin_memcpy(fib, &in, sizeof(in));
 		reason = ask_fib(skb, fib, fib_flags | WG_FIB_LOOKUP_OUTPUT);
 		if (!reason && fib->ifindex != skb->ifindex) {
-			count(WG_CNT_FIB_DEST_FALLBACK);
+			if (events)
+				count(WG_CNT_FIB_DEST_FALLBACK);
 			return 0;	/* key still holds the destination */
 		}
 	}
@@ -303,7 +308,7 @@ int wg_nexthop(struct __sk_buff *skb)
 
 	key_from_fib(&key, &fib);	/* the destination */
 	if (!(cfg->flags & WG_CFG_ALLOWEDIPS)) {
-		reason = fib_nexthop(skb, &fib, &key, cfg->fib_flags);
+		reason = fib_nexthop(skb, &fib, &key, cfg->fib_flags, 1);
 		if (reason)
 			return verdict(skb, WG_QUEUE_CONTROL, reason);
 		count_nexthop(&key, skb->len);

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from wgebpf import bpfmaps, state
+from wgebpf import bpfmaps, nexthop, state
 from wgebpf.nexthop import NextHopClassifier
 from wgebpf.tun import Tun
 from wgebpf.tun_steer import TunSteering
@@ -436,7 +436,7 @@ def test_common_h_and_bpfmaps_agree(root):
 
 
 def test_maps_of_the_compiled_programs_have_the_mirrored_layouts(root):
-    b = bpfmaps.compile_programs("nexthop.c", "tun_steer.c", "reuseport.c")
+    b = bpfmaps.compile_programs(*nexthop.PROGRAMS, "reuseport.c")
     try:
         expect = {
             bpfmaps.MAP_CONFIG: (ctypes.c_uint32, bpfmaps.Config, 1),
@@ -446,6 +446,8 @@ def test_maps_of_the_compiled_programs_have_the_mirrored_layouts(root):
             bpfmaps.MAP_NEXTHOPS: (bpfmaps.NexthopKey, bpfmaps.NexthopStats,
                                    bpfmaps.NEXTHOPS_MAX),
             bpfmaps.MAP_RXINDEX: (ctypes.c_uint32, ctypes.c_uint32, bpfmaps.RXINDEX_MAX),
+            bpfmaps.MAP_POLICIES: (ctypes.c_uint32, ctypes.c_uint32, bpfmaps.QUEUES_MAX),
+            bpfmaps.MAP_POLICY_CNT: (ctypes.c_uint32, bpfmaps.PolicyCounts, bpfmaps.QUEUES_MAX),
         }
         for name, (key, leaf, size) in expect.items():
             table = b[name.encode()]

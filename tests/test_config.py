@@ -327,6 +327,20 @@ ERRORS = [
     ("source policy", iface("SourcePolicy = strict"), 3, "SourcePolicy",
      ["'strict'", "allowedips, fib, nftables, off"]),
     ("peer source policy", peer("SourcePolicy = rpf"), 5, "SourcePolicy", ["'rpf'"]),
+    ("peer mark zero", iface("PeerMark = 0"), 3, "PeerMark", ["'0'", "nonzero"]),
+    ("peer mark holes", iface("PeerMark = 0xff00ff00"), 3, "PeerMark",
+     ["'0xff00ff00'", "contiguous"]),
+    ("peer mark narrow", iface("PeerMark = 0x7f000000"), 3, "PeerMark",
+     ["'0x7f000000'", "7 bits", "needs 8"]),
+    ("peer mark too big", iface("PeerMark = 0x1ff000000"), 3, "PeerMark", ["32 bits"]),
+    ("peer mark octal", iface("PeerMark = 0377"), 3, "PeerMark", ["'0377'", "octal"]),
+    ("peer mark words", iface("PeerMark = top"), 3, "PeerMark", ["'top'", "0x hex"]),
+    ("peer mark shares fwmark bits", iface("SourcePolicy = nftables\nFwMark = 0x1000000\n"
+                                            "PeerMark = 0xff000000"), 5, "PeerMark",
+     ["shares bits 0x1000000 with FwMark 0x1000000", "nftables"]),
+    ("default peer mark vs fwmark, nftables peer",
+     peer("SourcePolicy = nftables").replace("[Peer]", "FwMark = 0x80000000\n[Peer]"), 3,
+     "FwMark", ["PeerMark 0xff000000 shares bits 0x80000000", "the default"]),
     ("workers zero", iface("Workers = 0"), 3, "Workers", ["'0'", "1..256"]),
     ("workers too many", iface("Workers = 257"), 3, "Workers", ["'257'"]),
     ("workers words", iface("Workers = many"), 3, "Workers", ["'many'"]),
@@ -437,3 +451,38 @@ def test_addresses_are_interfaces_and_allowed_ips_networks():
                for a in cfg.interface.addresses)
     assert all(isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network))
                for p in cfg.peers for n in p.allowed_ips)
+
+
+@pytest.mark.parametrize("lines, mask", [
+    ("", 0xFF000000),                                   # the default
+    ("PeerMark = 0xff00", 0xFF00),
+    ("PeerMark = 65280", 0xFF00),                       # decimal
+    ("PeerMark = 0xFFFFFFFF", 0xFFFFFFFF),
+    ("PeerMark = 0x000ff000", 0xFF000),
+    # FwMark shares bits, but no policy marks packets: harmless, accepted
+    ("FwMark = 0xffffffff\nSourcePolicy = fib", 0xFF000000),
+    # nftables with FwMark clear of the mask
+    ("SourcePolicy = nftables\nFwMark = 0xca6c", 0xFF000000),
+    ("SourcePolicy = nftables\nFwMark = 0xff000000\nPeerMark = 0xff0000", 0xFF0000),
+])
+def test_peer_mark_values(lines, mask):
+    cfg = parse(iface(lines) if lines else HEAD)
+    assert cfg.interface.peer_mark == mask
+    text = config.format_config(cfg)
+    assert ("PeerMark" in text) == (mask != config.PEER_MARK_DEFAULT)
+    assert parse(text).interface.peer_mark == mask
+
+
+@pytest.mark.parametrize("mask, error", [
+    (0xFF000000, None), (0xFF, None), (0xFFFFFFFF, None), (0x1FE, None),
+    (0, "nonzero"), (0x1_0000_0000, "nonzero"), (0x7F, "needs 8"), (0xF0F0, "contiguous"),
+])
+def test_peer_mark_error(mask, error):
+    problem = config.peer_mark_error(mask)
+    assert problem is None if error is None else error in problem
+
+
+def test_peer_mark_conflict():
+    assert config.peer_mark_conflict(0xFF000000, 0xCA6C) is None
+    assert config.peer_mark_conflict(0xFF000000, 0) is None
+    assert "0x1000000" in config.peer_mark_conflict(0xFF000000, 0x01000001)

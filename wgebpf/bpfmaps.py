@@ -33,6 +33,8 @@ MAP_PEERS6 = "wg_peers6"
 MAP_COUNTERS = "wg_counters"
 MAP_NEXTHOPS = "wg_nexthops"
 MAP_RXINDEX = "wg_rxindex"
+MAP_POLICIES = "wg_policies"
+MAP_POLICY_CNT = "wg_policy_cnt"
 
 PEERS4_MAX = 1048576
 PEERS6_MAX = 262144
@@ -46,7 +48,10 @@ CFG_ALLOWEDIPS = 1 << 0
 class Config(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint32),
                 ("fib_flags", ctypes.c_uint32),
-                ("queues", ctypes.c_uint32)]
+                ("queues", ctypes.c_uint32),
+                ("policy", ctypes.c_uint32),        # POLICY_* for peers on POLICY_DEFAULT
+                ("mark_mask", ctypes.c_uint32),     # nftables policy: slot bits in skb->mark
+                ("mark_shift", ctypes.c_uint32)]    # the mask's lowest set bit
 
 
 class LpmKey4(ctypes.Structure):
@@ -121,6 +126,37 @@ COUNTER_NAMES: dict[int, str] = {
 }
 VERDICT_COUNTERS = tuple(n for i, n in COUNTER_NAMES.items() if i < CNT_FIB_OTHER_DEV)
 
+# ---- Source policy (policy.c) -------------------------------------------------
+POLICY_DEFAULT = 0         # per-slot only: follow Config.policy
+POLICY_ALLOWEDIPS = 1
+POLICY_FIB = 2
+POLICY_NFTABLES = 3
+POLICY_OFF = 4
+POLICY_MAX = 4
+
+# Verdicts: wg_policy_cnt[slot].n[POL_*]; row 0 counts the control plane's queue.
+POL_ACCEPTED = 0
+POL_DROP_ALLOWEDIPS = 1
+POL_DROP_FIB = 2
+POL_FIB_FAILED = 3
+POL_MARKED = 4
+POL_NOT_IP = 5
+POL_CNT_MAX = 8
+
+POLICY_COUNTER_NAMES: dict[int, str] = {
+    POL_ACCEPTED: "accepted",
+    POL_DROP_ALLOWEDIPS: "dropped_allowedips",
+    POL_DROP_FIB: "dropped_fib",
+    POL_FIB_FAILED: "fib_failed",
+    POL_MARKED: "marked",
+    POL_NOT_IP: "not_ip",
+}
+
+
+class PolicyCounts(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_uint64 * POL_CNT_MAX)]
+
+
 # ---- Receive steering ---------------------------------------------------------
 MESSAGE_DATA = 4
 MESSAGE_DATA_MIN_LEN = 32
@@ -133,6 +169,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "wg_lpm_key6": LpmKey6,
     "wg_nexthop_key": NexthopKey,
     "wg_nexthop_stats": NexthopStats,
+    "wg_policy_counts": PolicyCounts,
 }
 
 

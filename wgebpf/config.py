@@ -11,8 +11,19 @@ mistakes and would otherwise be silently "last one wins": a second
 [Interface] section (wg(8) says there may be only one) and a single-valued
 key given twice in one section.
 
-wgebpf adds its own [Interface] keys: PeerSelection, SourcePolicy, Workers
-and Metrics; and a per-peer SourcePolicy override in [Peer].
+wgebpf adds its own [Interface] keys: PeerSelection, SourcePolicy, PeerMark,
+Workers and Metrics; and a per-peer SourcePolicy override in [Peer].
+
+PeerMark is the mask of skb->mark bits where the nftables source policy puts
+the sending peer's slot (1..255) on each received packet: one contiguous run
+of at least 8 bits (hex or decimal; default 0xff000000). The eBPF program
+keeps every bit outside it. It must not share a bit with FwMark when the
+nftables policy is in use (by the interface or any peer): FwMark marks the
+tunnel's own UDP packets, and routing rules on it (wg-quick's `not fwmark`
+rule) would then take some peer's inner packets for the tunnel's own. With
+no nftables policy no packet is marked, and an overlap is harmless, so it is
+not refused; switching to nftables at run time must check it
+(peer_mark_conflict).
 
 The whole file is read and every error collected before one is raised, so
 the reported error is the first in the file (ConfigError.errors has them all).
@@ -33,13 +44,18 @@ from wgebpf import keys
 
 __all__ = ["ConfigError", "PeerConfig", "InterfaceConfig", "Config", "parse", "load",
            "format_config", "parse_endpoint", "route_table_id",
-           "PEER_SELECTIONS", "SOURCE_POLICIES", "MAX_WORKERS"]
+           "PEER_SELECTIONS", "SOURCE_POLICIES", "MAX_WORKERS", "PEER_MARK_DEFAULT",
+           "peer_mark_error", "peer_mark_conflict"]
 
 PEER_SELECTIONS = ("nexthop", "allowedips")
 SOURCE_POLICIES = ("allowedips", "fib", "nftables", "off")
 # One TUN queue per peer and the kernel's limit of 256 queues per device
 # bound the useful number of workers.
 MAX_WORKERS = 256
+# Where the nftables policy puts the peer's slot in the mark: the top byte,
+# far from the low bits fwmark-based setups usually take.
+PEER_MARK_DEFAULT = 0xFF000000
+PEER_MARK_MIN_BITS = 8      # slots are 1..255
 MTU_MIN_IPV4 = 576
 MTU_MIN_IPV6 = 1280   # RFC 8200: a link carrying IPv6 must take 1280 bytes
 MTU_MAX = 65535
@@ -107,6 +123,7 @@ class InterfaceConfig:
     # wgebpf's own keys
     peer_selection: str = "nexthop"
     source_policy: str = "allowedips"
+    peer_mark: int = PEER_MARK_DEFAULT          # mask of the peer's slot in skb->mark
     workers: int | None = None                  # None = one per CPU
     metrics: str | None = None                  # 'ADDR:PORT' / '[v6]:PORT' / ':PORT'
 
@@ -175,6 +192,11 @@ def _listen_port(value: str) -> int | None:
 def _fwmark(value: str) -> int:
     if value.lower() == "off":
         return 0
+    return _u32(value, "'off', ")
+
+
+def _u32(value: str, words: str = "") -> int:
+    """A 32-bit number in decimal or 0x hex; `words` names other spellings."""
     if re.fullmatch(r"0[xX][0-9a-fA-F]+", value):
         number = int(value, 16)
     elif re.fullmatch(r"0[0-9]+", value):
@@ -184,10 +206,42 @@ def _fwmark(value: str) -> int:
     elif re.fullmatch(r"[0-9]+", value):
         number = int(value)
     else:
-        raise _Invalid(f"{_quote(value)} is not 'off', a number or 0x hex")
+        raise _Invalid(f"{_quote(value)} is not {words}a number or 0x hex")
     if number > 0xFFFFFFFF:
         raise _Invalid(f"{_quote(value)} does not fit in 32 bits")
     return number
+
+
+def peer_mark_error(mask: int) -> str | None:
+    """Why `mask` cannot hold a peer slot (as PeerMark), or None if it can."""
+    if not 0 < mask <= 0xFFFFFFFF:
+        return "must be a nonzero 32-bit mask"
+    low = mask // (mask & -mask)            # the run shifted down to bit 0
+    if low & (low + 1):
+        return "is not one contiguous run of bits"
+    if low.bit_length() < PEER_MARK_MIN_BITS:
+        return (f"has {low.bit_length()} bits; a peer slot (1..255) needs "
+                f"{PEER_MARK_MIN_BITS}")
+    return None
+
+
+def peer_mark_conflict(mask: int, fwmark: int) -> str | None:
+    """Why PeerMark `mask` and FwMark cannot go together under the nftables
+    policy (see the module docstring), or None."""
+    shared = mask & fwmark
+    if not shared:
+        return None
+    return (f"PeerMark {mask:#x} shares bits {shared:#x} with FwMark {fwmark:#x}: with the "
+            f"nftables source policy a peer's packets would carry FwMark's bits and routing "
+            f"rules on FwMark would take them for the tunnel's own")
+
+
+def _peer_mark(value: str) -> int:
+    mask = _u32(value)
+    problem = peer_mark_error(mask)
+    if problem:
+        raise _Invalid(f"{_quote(value)} {problem}")
+    return mask
 
 
 def _addresses(value: str) -> list[IPv4Interface | IPv6Interface]:
@@ -399,6 +453,7 @@ _INTERFACE_KEYS = [
     _Key("SaveConfig", "save_config", _bool),
     _Key("PeerSelection", "peer_selection", _choice(PEER_SELECTIONS)),
     _Key("SourcePolicy", "source_policy", _choice(SOURCE_POLICIES)),
+    _Key("PeerMark", "peer_mark", _peer_mark),
     _Key("Workers", "workers", _workers),
     _Key("Metrics", "metrics", _metrics),
 ]
@@ -588,6 +643,22 @@ class _Parser:
             else:
                 first[peer.public_key] = section.line
 
+    def check_peer_mark(self, sections: list[_Section], iface: InterfaceConfig | None,
+                        peers: list[PeerConfig]) -> None:
+        """PeerMark against FwMark, only where it matters: the nftables policy."""
+        if iface is None:
+            return
+        policies = {iface.source_policy} | {p.source_policy for p in peers}
+        problem = peer_mark_conflict(iface.peer_mark, iface.fwmark)
+        if "nftables" not in policies or problem is None:
+            return
+        section = next(s for s in sections if s.kind == "interface")
+        given = any(e.key.attr == "peer_mark" for e in section.entries)
+        key, attr = ("PeerMark", "peer_mark") if given else ("FwMark", "fwmark")
+        if not given:
+            problem += f" (PeerMark is not set: {PEER_MARK_DEFAULT:#x} is the default)"
+        self.error(self.line_of(section, attr), key, problem)
+
     def run(self, text: str) -> Config:
         sections = self.split(text)
         iface = self.interface(sections)
@@ -598,6 +669,7 @@ class _Parser:
                 if peer is not None:
                     peers.append((section, peer))
         self.check_peer_keys(iface, peers)
+        self.check_peer_mark(sections, iface, [peer for _, peer in peers])
         if self.errors:
             # File order, but what is missing after what is wrong.
             ordered = [e for _, e in sorted(
@@ -662,6 +734,8 @@ def format_config(cfg: Config) -> str:
         out.append(f"PeerSelection = {i.peer_selection}")
     if i.source_policy != defaults.source_policy:
         out.append(f"SourcePolicy = {i.source_policy}")
+    if i.peer_mark != defaults.peer_mark:
+        out.append(f"PeerMark = {i.peer_mark:#x}")
     if i.workers is not None:
         out.append(f"Workers = {i.workers}")
     if i.metrics is not None:

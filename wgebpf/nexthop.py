@@ -7,8 +7,9 @@ longest-prefix first; the peer's slot is its TUN queue, and tun_steer.py's
 program puts the packet there. Nothing in Python looks at packets: this
 module only fills the maps (config, allowed-ips tries) and reads counters.
 
-One compile serves the classifier and the steering program (they come from
-one bcc object); TunSteering(tun, classifier) reuses it.
+One compile serves the classifier, the steering program and the source
+policy on ingress (policy.c: it shares the allowed-ips tries and the config);
+TunSteering(tun, classifier) and SourcePolicy(classifier) reuse it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from .state import tc_record
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MODES = {"nexthop": 0, "allowedips": m.CFG_ALLOWEDIPS}
+
+# The bpf/ files of the one object: policy.c comes after nexthop.c, whose
+# maps and helpers it uses.
+PROGRAMS = ("nexthop.c", "tun_steer.c", "policy.c")
 
 # Where the filter goes: clsact egress, one bpf filter we can name exactly
 # (prio and handle), so detach removes ours and nothing else.
@@ -53,7 +58,7 @@ class NextHopClassifier:
     def __init__(self, ifname_or_index: str | int, mode: str = "nexthop", *,
                  queues: int = m.QUEUES_MAX):
         self.ifindex, self.ifname = _resolve(ifname_or_index)
-        self.bpf = m.compile_programs("nexthop.c", "tun_steer.c")
+        self.bpf = m.compile_programs(*PROGRAMS)
         self._owned: dict[int, set[Network]] = {}   # slot -> its prefixes
         self._owner: dict[Network, int] = {}        # prefix -> slot
         self.record: dict | None = None             # tc_record() while attached
@@ -144,6 +149,19 @@ class NextHopClassifier:
         if not 1 <= queues <= m.QUEUES_MAX:
             raise ValueError(f"queues must be 1..{m.QUEUES_MAX}, not {queues}")
         self._config.queues = queues
+        self._write_config()
+
+    def update_config(self, **fields: int) -> None:
+        """Set wg_config fields by name (Config) and write the entry.
+
+        For the other programs of this object (policy.py sets policy,
+        mark_mask, mark_shift): the entry is one struct, written whole from
+        this one copy, so every writer goes through here.
+        """
+        for name, value in fields.items():
+            if name not in dict(m.Config._fields_):
+                raise AttributeError(f"wg_config has no field {name!r}")
+            setattr(self._config, name, value)
         self._write_config()
 
     def _write_config(self) -> None:

@@ -1,0 +1,210 @@
+"""The source-address check as policy: loader for bpf/policy.c (tc ingress).
+
+Classic WireGuard drops a decrypted packet whose inner source is not in the
+sending peer's allowed-ips. Here that check is one of four policies, chosen
+per interface with a per-peer override, and enforced in the kernel by an
+eBPF program on the wgebpf device's clsact ingress hook. It knows the exact
+peer because each peer's packets are written to the peer's own TUN queue.
+
+  allowedips  classic: the source's longest allowed-ips match is the peer.
+  fib         reverse-path check: the FIB's route back to the source goes
+              via the peer (its next hop is in the peer's allowed-ips).
+  nftables    eBPF only marks the packet with the peer's slot (mark bits
+              under the PeerMark mask); nftables.py's table filters.
+  off         every source accepted (the firewall alone decides).
+
+The program comes from the classifier's bcc object (one compile; it shares
+the allowed-ips tries and wg_config), so SourcePolicy needs the classifier
+and lives no longer than it. Python never looks at a packet: this module
+writes the policy map and config fields and reads the counters.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import bpfmaps as m
+from .config import PEER_MARK_DEFAULT, peer_mark_error
+from .nexthop import NextHopClassifier, _add_clsact, _check_slot, _ignore_gone
+from .state import tc_record
+
+POLICIES = ("allowedips", "fib", "nftables", "off")
+_CODE = {"allowedips": m.POLICY_ALLOWEDIPS, "fib": m.POLICY_FIB,
+         "nftables": m.POLICY_NFTABLES, "off": m.POLICY_OFF}
+
+# clsact ingress; prio and handle differ from the classifier's egress filter
+# (1, 1) so the two runtime-state records can never be mistaken for each other.
+TC_PARENT_INGRESS = "ffff:fff2"
+TC_PARENT_EGRESS = "ffff:fff3"
+TC_PRIO = 2
+TC_HANDLE = 2
+
+
+def mark_shift(mask: int) -> int:
+    """Position of the mask's lowest set bit: where the slot's bit 0 goes."""
+    return (mask & -mask).bit_length() - 1
+
+
+def peer_mark(slot: int, mask: int = PEER_MARK_DEFAULT) -> int:
+    """The mark bits (under `mask`) policy.c puts on peer `slot`'s packets."""
+    return (slot << mark_shift(mask)) & mask
+
+
+class SourcePolicy:
+    """The ingress source check of one device, on the classifier's object.
+
+    `default` is the interface's policy; set_peer() overrides it per slot.
+    `mark_mask` (config PeerMark) is where the nftables policy writes the
+    slot; it is fixed for the object's life (nftables rules match on it).
+    """
+
+    def __init__(self, classifier: NextHopClassifier, default: str = "allowedips",
+                 mark_mask: int = PEER_MARK_DEFAULT):
+        problem = peer_mark_error(mark_mask)
+        if problem:
+            raise ValueError(f"peer mark {mark_mask:#x}: {problem}")
+        self.classifier = classifier
+        self.ifindex, self.ifname = classifier.ifindex, classifier.ifname
+        self.bpf = classifier.bpf
+        self.mark_mask = mark_mask
+        self.record: dict | None = None     # tc_record() while attached
+        self._overrides: dict[int, str] = {}
+        self._prog = self.bpf.load_func(b"wg_policy", self.bpf.SCHED_CLS)
+        self._policies = self.bpf[m.MAP_POLICIES.encode()]
+        self._counts = self.bpf[m.MAP_POLICY_CNT.encode()]
+        classifier.update_config(mark_mask=mark_mask, mark_shift=mark_shift(mark_mask))
+        self.set_default(default)
+
+    # -- program ---------------------------------------------------------------
+
+    @property
+    def prog_fd(self) -> int:
+        return self._prog.fd
+
+    @property
+    def prog_id(self) -> int:
+        return m.prog_info(self.prog_fd).id
+
+    def attach(self) -> dict:
+        """Add the clsact qdisc (if missing) and our bpf filter on ingress.
+
+        Attach after the classifier: then the qdisc is the classifier's
+        (its record says so) and ours is only the filter.
+
+        Returns the tc_record for the runtime-state file (also in .record).
+        """
+        if self.record is not None:
+            return self.record
+        with IPRoute() as ipr:
+            created = _add_clsact(ipr, self.ifindex)
+            try:
+                ipr.tc("add-filter", "bpf", self.ifindex, TC_HANDLE, fd=self.prog_fd,
+                       name="wg_policy", parent=TC_PARENT_INGRESS, prio=TC_PRIO,
+                       classid=1, direct_action=True)
+            except BaseException:
+                if created:
+                    _ignore_gone(ipr.tc, "del", "clsact", self.ifindex)
+                raise
+        self.record = tc_record(self.ifindex, self.ifname, TC_PARENT_INGRESS, prio=TC_PRIO,
+                                handle=TC_HANDLE, prog_id=self.prog_id, clsact=created)
+        return self.record
+
+    def detach(self) -> None:
+        """Remove our filter; a device (or clsact) already gone is fine.
+
+        The clsact qdisc goes too if we added it and nothing else is left on
+        it: the classifier's egress filter may share it.
+        """
+        rec, self.record = self.record, None
+        if rec is None:
+            return
+        with IPRoute() as ipr:
+            _ignore_gone(ipr.tc, "del-filter", "bpf", self.ifindex, TC_HANDLE,
+                         parent=TC_PARENT_INGRESS, prio=TC_PRIO)
+            if rec["clsact"] and not _filters_left(ipr, self.ifindex):
+                _ignore_gone(ipr.tc, "del", "clsact", self.ifindex)
+
+    def close(self) -> None:
+        """Detach and drop our overrides; the program and maps themselves
+        belong to the classifier's object (closed with it)."""
+        try:
+            self.detach()
+        finally:
+            for slot in list(self._overrides):
+                self.set_peer(slot, None)
+
+    def __enter__(self) -> "SourcePolicy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- policies --------------------------------------------------------------
+
+    def set_default(self, policy: str) -> None:
+        """The interface's policy: every peer without an override follows it."""
+        self.classifier.update_config(policy=_code(policy))
+        self.default = policy
+
+    def set_peer(self, slot: int, policy: str | None) -> None:
+        """Override peer `slot`'s policy; None: follow the default again."""
+        _check_slot(slot)
+        code = m.POLICY_DEFAULT if policy is None else _code(policy)
+        self._policies[ctypes.c_uint32(slot)] = ctypes.c_uint32(code)
+        if policy is None:
+            self._overrides.pop(slot, None)
+        else:
+            self._overrides[slot] = policy
+
+    def remove_peer(self, slot: int) -> None:
+        """Forget slot's override and zero its counters (the slot may be reused)."""
+        self.set_peer(slot, None)
+        self._counts[ctypes.c_uint32(slot)] = self._counts.Leaf()   # zeros, every CPU
+
+    def policy_of(self, slot: int) -> str:
+        """The policy peer `slot`'s packets get now."""
+        return self._overrides.get(slot, self.default)
+
+    def overrides(self) -> dict[int, str]:
+        """slot -> policy, for the peers that do not follow the default."""
+        return dict(self._overrides)
+
+    # -- counters --------------------------------------------------------------
+
+    def counters(self) -> dict[int, dict[str, int]]:
+        """{slot: {reason: packets}} for slots that saw packets, CPUs summed.
+
+        Reasons are bpfmaps.POLICY_COUNTER_NAMES' values; slot 0 counts the
+        control plane's own packets (queue 0), which pass unchecked.
+        """
+        out = {}
+        for key, per_cpu in self._counts.items_lookup_batch():
+            totals = [sum(cpu.n[i] for cpu in per_cpu) for i in range(m.POL_CNT_MAX)]
+            if any(totals):
+                out[int(key)] = {name: int(totals[i])
+                                       for i, name in m.POLICY_COUNTER_NAMES.items()}
+        return out
+
+
+def _code(policy: str) -> int:
+    if policy not in _CODE:
+        raise ValueError(f"source policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+    return _CODE[policy]
+
+
+def _filters_left(ipr: IPRoute, ifindex: int) -> bool:
+    """Does clsact still hold any filter, on either hook?"""
+    for parent in (TC_PARENT_INGRESS, TC_PARENT_EGRESS):
+        try:
+            # Dumps list a header entry per chain too; real filters have options.
+            if any(f.get_attr("TCA_OPTIONS") for f in ipr.get_filters(index=ifindex,
+                                                                       parent=parent)):
+                return True
+        except NetlinkError as e:
+            if e.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
+                raise
+    return False
