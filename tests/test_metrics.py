@@ -234,16 +234,16 @@ def test_real_device_snapshot_counts_and_hides_the_private_key():
     clock, network, a, b = pair()
     a.device.on_tun_packet(ipv4_packet("198.51.100.1", "198.51.100.2"))
     network.pump()
-    a.device.on_tun_packet(ipv4_packet("203.0.113.9", "198.51.100.2"))   # spoofed source
+    a.device.on_tun_packet(ipv4_packet("198.51.100.1", "198.51.100.2"))
     network.pump()
+    replayed = [d for d, _, t in network.sent_log if d[0] == 4 and t == b.conn.address][-1]
+    b.device.on_datagram(replayed, a.conn.address)                        # a replay
     text = scrape(status.collect(b.device), compat=True)
     exposed = samples(text)
     key_a = base64.b64encode(a.public_key).decode()
     peer = L(interface="mem", public_key=key_a)
-    assert exposed["wgebpf_dropped_packets_total", L(interface="mem",
-                                                     reason="source_policy")] == 1
-    assert exposed["wgebpf_peer_dropped_packets_total",
-                   L(**dict(peer), reason="source_policy")] == 1
+    assert exposed["wgebpf_dropped_packets_total", L(interface="mem", reason="replay")] == 1
+    assert exposed["wgebpf_peer_dropped_packets_total", L(**dict(peer), reason="replay")] == 1
     assert exposed["wgebpf_peer_received_packets_total", peer] == 2
     assert exposed["wgebpf_peer_handshakes_total", L(**dict(peer), result="completed")] == 1
     assert exposed["wgebpf_handshake_duration_seconds_count", L(interface="mem")] == 0

@@ -22,6 +22,8 @@ from .state import RuntimeState
 from .timers import Timing
 from .tun import Tun
 from .nexthop import NextHopClassifier
+from .nftables import NftSourceFilter
+from .policy import SourcePolicy
 from .reuseport import ReuseportSteering
 from .tun_steer import TunSteering
 from .uapi import UAPIServer
@@ -85,6 +87,7 @@ class Attachment:
         self.name = name
         self.pool = None
         self.metrics = None
+        self.policy = self.nft = None
         self.classifier = self.steering = self.reuseport = None
         self.tun = None
         self.conn = None
@@ -122,7 +125,7 @@ class Attachment:
         self.device.force_under_load = os.environ.get("WGEBPF_TEST_FORCE_UNDER_LOAD") == "1"
         self._guard_underlay()
         self.pool = WorkerPool(self.device, self.tun, self.conn, workers, self.classifier,
-                               self.reuseport, self.selector)
+                               self.reuseport, self.selector, self.policy, self._nft_filter)
         self.device.dataplane = self.pool
         configure_device(self.device, self.config)
         self.pool.policy_changed()
@@ -156,7 +159,21 @@ class Attachment:
         self.state.save()
         self.steering = TunSteering(self.tun, self.classifier)
         self.steering.attach()
+        iface = self.config.interface
+        self.policy = SourcePolicy(self.classifier, iface.source_policy, iface.peer_mark)
+        self.state.tc_filters.append(self.policy.attach())
+        self.state.save()
         self.reuseport = ReuseportSteering()
+
+    def _nft_filter(self) -> NftSourceFilter:
+        """The admin-visible nftables table, made when a peer's SourcePolicy
+        first becomes `nftables` (recorded first, so detach finds it)."""
+        nft = NftSourceFilter(self.name, self.config.interface.peer_mark)
+        self.state.nft_tables.append(nft.record)
+        self.state.save()
+        nft.install()
+        self.nft = nft
+        return nft
 
     def _start_metrics(self) -> None:
         address = self.config.interface.metrics
@@ -282,6 +299,8 @@ class Attachment:
             ("metrics", lambda: self.metrics and self.metrics.stop()),
             ("workers", lambda: self.pool and self.pool.stop()),
             ("device", lambda: self.device and self.device.close()),
+            ("nftables table", lambda: self.nft and self.nft.uninstall()),
+            ("source policy", lambda: self.policy and self.policy.close()),
             ("classifier", lambda: self.classifier and self.classifier.close()),
             ("steering", lambda: self.steering and self.steering.close()),
             ("reuseport", lambda: self.reuseport and self.reuseport.close()),

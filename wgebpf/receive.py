@@ -14,9 +14,10 @@ stage 2 in the control plane):
   4. decrypt             ChaCha20-Poly1305; only an authenticated packet may
                          move the replay window, roam the endpoint, confirm
                          a keypair or touch timers.
-  5. check_inner         a well-formed IPv4/IPv6 packet (padding removed),
-                         and the source-address check (SourcePolicy).
-  6. deliver             write to the TUN device.
+  5. deliver             a well-formed IPv4/IPv6 packet (padding removed) is
+                         written to the peer's own TUN queue. The source
+                         address check (SourcePolicy) follows in the kernel:
+                         bpf/policy.c on the device's tc ingress.
 """
 
 import logging
@@ -159,39 +160,27 @@ def authenticated(device, peer, keypair, source: tuple, size: int, now: float) -
     peer.timers.any_authenticated_packet_traversal()
 
 
-def inner_source(packet: bytes) -> tuple[bytes | None, int]:
-    """(source address, real length without padding), or (None, 0) if malformed."""
+def inner_length(packet: bytes) -> int:
+    """The IPv4/IPv6 packet's real length without padding; 0 if malformed."""
     version = packet[0] >> 4
     if version == 4 and len(packet) >= 20:
         length = int.from_bytes(packet[2:4], "big")
         if 20 <= length <= len(packet):
-            return packet[12:16], length
+            return length
     elif version == 6 and len(packet) >= 40:
         length = 40 + int.from_bytes(packet[4:6], "big")
         if length <= len(packet):
-            return packet[8:24], length
-    return None, 0
-
-
-def source_allowed(device, peer, source: bytes) -> bool:
-    """The classic check: the inner source must be in the peer's allowed-ips."""
-    policy = peer_source_policy(device, peer)
-    if policy == "off":
-        return True
-    return device.allowed_ips.lookup(source) is peer
-
-
-def peer_source_policy(device, peer) -> str:
-    return getattr(peer, "source_policy", None) or getattr(device, "source_policy", "allowedips")
+            return length
+    return 0
 
 
 def deliver(device, peer, plaintext: bytes) -> None:
     peer.timers.data_received()
-    source, length = inner_source(plaintext)
-    if source is None:
+    length = inner_length(plaintext)
+    if not length:
         device.drop("malformed_inner", peer)
         return
-    if not source_allowed(device, peer, source):
-        device.drop("source_policy", peer)
-        return
+    # The source address check (SourcePolicy) is not here: it runs in the
+    # kernel, on the device's tc ingress (bpf/policy.c), which knows the
+    # peer by the queue this write lands on.
     device.tun.write(plaintext[:length], peer.queue)

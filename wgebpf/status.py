@@ -50,6 +50,8 @@ def collect(device, parts=None) -> dict:
         "handshake_duration_seconds": device.handshake_durations.snapshot(),
         "workers": pool.status() if pool is not None else [],
     }
+    add_policy_counters(status, device, getattr(parts, "policy", None),
+                        getattr(parts, "nft", None))
     if xdp is not None:
         status["xdp_mode"] = xdp.mode
         status["xdp"] = xdp.counters()
@@ -59,6 +61,34 @@ def collect(device, parts=None) -> dict:
                                         "public_key": _holder(device, ip)}
                               for ip, (p, b) in classifier.nexthop_counters().items()}
     return status
+
+
+# The ingress program's verdicts that are drops; each is a "source_policy"
+# drop of its peer (fib_failed: no route back to the source; not_ip: junk).
+POLICY_DROPS = ("dropped_allowedips", "dropped_fib", "fib_failed", "not_ip")
+
+
+def add_policy_counters(status: dict, device, policy, nft) -> None:
+    """status["policy"]: every peer's slot with every verdict (zeros too, so
+    dashboards always have a series); and the kernel's source-policy drops
+    (tc ingress and nftables) added to the per-peer and interface drops."""
+    if policy is None:
+        return
+    from .bpfmaps import POLICY_COUNTER_NAMES
+    counts = policy.counters()
+    nft_drops = nft.drops() if nft is not None else {}
+    by_slot = {}
+    for peer in device.peers.values():
+        verdicts = {name: counts.get(peer.queue, {}).get(name, 0)
+                    for name in POLICY_COUNTER_NAMES.values()}
+        verdicts["dropped_nftables"] = nft_drops.get(peer.queue, 0)
+        by_slot[str(peer.queue)] = verdicts
+        dropped = sum(verdicts[name] for name in POLICY_DROPS) + verdicts["dropped_nftables"]
+        if dropped:
+            entry = status["peers"][_b64(peer.public_key)]["drops"]
+            entry["source_policy"] = entry.get("source_policy", 0) + dropped
+            status["drops"]["source_policy"] = status["drops"].get("source_policy", 0) + dropped
+    status["policy"] = by_slot
 
 
 def _holder(device, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:

@@ -20,7 +20,6 @@ which owns the timers; what the timers decide (a keepalive, zeroing keys)
 comes back as a message.
 """
 
-import ipaddress
 import logging
 import os
 import selectors
@@ -160,7 +159,6 @@ class Worker:
         self.device.worker = self
         self.device.actions = WorkerActions(self)
         self.device.dataplane = WorkerDataplane(self.device)
-        self.device.source_policy = settings["source_policy"]
         self.by_slot: dict[int, object] = {}
         self.events: dict[int, int] = {}
         self.outbox: list[tuple] = []
@@ -183,12 +181,11 @@ class Worker:
         kind, *args = message
         getattr(self, "on_" + kind)(*args, fds=fds)
 
-    def on_peer_add(self, slot, public_key, endpoint, source_policy, state=None, fds=()):
+    def on_peer_add(self, slot, public_key, endpoint, state=None, fds=()):
         peer = self.device.add_peer(public_key)
         peer.timers = EventRecorder(self, slot)
         peer.queue = slot
         peer.endpoint = endpoint
-        peer.source_policy = source_policy
         self.by_slot[slot] = peer
         os.set_blocking(fds[0], False)
         self.tun.fds[slot] = fds[0]
@@ -249,20 +246,6 @@ class Worker:
         peer = self.by_slot.get(slot)
         for packet in packets:
             send.packet_for_peer(self.device, peer, packet)
-
-    def on_allowedips(self, table, fds=()):
-        """The whole allowed-ips table, for the source check: prefixes of
-        peers owned by other workers map to a stand-in per slot."""
-        allowed = self.device.allowed_ips
-        allowed.clear()
-        for network, slot in table:
-            allowed.insert(ipaddress.ip_network(network), self.by_slot.get(slot, ("slot", slot)))
-
-    def on_policy(self, policy, overrides, fds=()):
-        self.device.source_policy = policy
-        for slot, override in overrides.items():
-            if slot in self.by_slot:
-                self.by_slot[slot].source_policy = override
 
     def on_sockets(self, fds=()):
         for sock in self.conn.sockets:

@@ -65,12 +65,15 @@ class WorkerHandle:
 
 class WorkerPool:
     def __init__(self, device, tun, conn, count: int, classifier=None, reuseport=None,
-                 selector=None):
+                 selector=None, policy=None, nft_factory=None):
         self.device = device
         self.tun = tun
         self.conn = conn
         self.classifier = classifier
         self.reuseport = reuseport
+        self.policy = policy                # policy.SourcePolicy (tc ingress)
+        self.nft_factory = nft_factory      # makes the nftables table on first need
+        self.nft = None
         self.selector = selector
         self.workers = [WorkerHandle(k) for k in range(1, count + 1)]
         self.peer_by_slot: dict[int, object] = {}
@@ -85,8 +88,7 @@ class WorkerPool:
             self._spawn(worker)
 
     def _settings(self) -> dict:
-        return {"name": self.device.name, "mtu": self.device.mtu,
-                "source_policy": self.device.source_policy}
+        return {"name": self.device.name, "mtu": self.device.mtu}
 
     def _spawn(self, worker: WorkerHandle) -> None:
         ours, theirs = channel.pair()
@@ -103,7 +105,6 @@ class WorkerPool:
             self.selector.register(ours, selectors.EVENT_READ, ("worker", worker))
         for slot in sorted(worker.slots):
             self._send_peer(worker, self.peer_by_slot[slot])
-        self._send_allowed_ips(worker)
 
     def _send(self, worker: WorkerHandle, message: tuple, fds=()) -> None:
         if worker.control is None:
@@ -199,8 +200,8 @@ class WorkerPool:
         return self.tun.fds[slot]
 
     def _send_peer(self, worker: WorkerHandle, peer, state=None) -> None:
-        self._send(worker, ("peer_add", peer.queue, peer.public_key, peer.endpoint,
-                            peer.source_policy, state), [self._queue_fd(peer.queue)])
+        self._send(worker, ("peer_add", peer.queue, peer.public_key, peer.endpoint, state),
+                   [self._queue_fd(peer.queue)])
 
     def peer_added(self, peer) -> None:
         slot = self._free_slot()
@@ -209,6 +210,8 @@ class WorkerPool:
         worker = self._least_loaded()
         worker.slots.add(slot)
         self.worker_of[slot] = worker
+        if self.policy is not None:
+            self.policy.set_peer(slot, peer.source_policy)
         if worker.control is not None:
             self._send_peer(worker, peer)
 
@@ -218,6 +221,10 @@ class WorkerPool:
         self.peer_by_slot.pop(slot, None)
         if self.classifier is not None:
             self.classifier.remove_peer(slot)
+        if self.policy is not None:
+            self.policy.remove_peer(slot)
+        if self.nft is not None:
+            self.nft.remove_peer(slot)
         if worker is not None:
             worker.slots.discard(slot)
             if worker.control is not None:
@@ -250,26 +257,33 @@ class WorkerPool:
                 self.reuseport.set_index(keypair_state["local_index"], target.position)
         if staged:
             self._send(target, ("staged", slot, staged))
-        self._send_allowed_ips(target)
         log.info("%s: moved peer slot %d from worker %d to worker %d", self.device.name,
                  slot, worker.position, target.position)
 
-    def allowed_ips_changed(self) -> None:
-        if self.classifier is not None:
-            for slot, peer in self.peer_by_slot.items():
-                self.classifier.set_peer(slot, self.device.allowed_ips_of(peer))
-        for worker in self.workers:
-            if worker.control is not None:
-                self._send_allowed_ips(worker)
+    # --- slot-keyed kernel state: the classifier's allowed-ips tries, the
+    # --- source policy per peer, the nftables sets ---------------------------------
 
-    def _send_allowed_ips(self, worker: WorkerHandle) -> None:
-        table = [(str(network), peer.queue) for network, peer in self.device.allowed_ips]
-        self._send(worker, ("allowedips", table))
+    def allowed_ips_changed(self) -> None:
+        for slot, peer in self.peer_by_slot.items():
+            networks = self.device.allowed_ips_of(peer)
+            if self.classifier is not None:
+                self.classifier.set_peer(slot, networks)
+            if self.nft is not None:
+                self.nft.set_peer(slot, networks, _short(peer.public_key))
 
     def policy_changed(self) -> None:
-        overrides = {slot: peer.source_policy for slot, peer in self.peer_by_slot.items()}
-        for worker in self.workers:
-            self._send(worker, ("policy", self.device.source_policy, overrides))
+        """SourcePolicy (interface default, peer overrides) changed: the
+        ingress program takes it at once; the nftables table appears the
+        first time any peer's policy is `nftables`."""
+        if self.policy is None:
+            return
+        self.policy.set_default(self.device.source_policy)
+        for slot, peer in self.peer_by_slot.items():
+            self.policy.set_peer(slot, peer.source_policy)
+        wanted = {self.device.source_policy} | {p.source_policy for p in self.peer_by_slot.values()}
+        if "nftables" in wanted and self.nft is None and self.nft_factory is not None:
+            self.nft = self.nft_factory()
+            self.allowed_ips_changed()
 
     def sockets_changed(self) -> None:
         """New listen port: hand out the new sockets and wait until every
@@ -418,6 +432,11 @@ class WorkerPool:
                  "busy_seconds": w.busy_seconds, "queue_depth": w.queue_depth,
                  **dict(w.traffic), "alive": w.control is not None,
                  "packets_by_slot": dict(w.packets)} for w in self.workers]
+
+
+def _short(public_key: bytes) -> str:
+    import base64
+    return "peer " + base64.b64encode(public_key).decode()[:10]
 
 
 HOOKS = {
