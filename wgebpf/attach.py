@@ -33,6 +33,7 @@ from .xdp_guard import XdpGuard
 log = logging.getLogger("wgebpf")
 
 MAX_SLEEP = 1.0
+DISHONEST_LOG_EVERY = 10.0
 TUN_BATCH = 64
 
 
@@ -130,6 +131,9 @@ class Attachment:
         configure_device(self.device, self.config)
         self.pool.policy_changed()
         self.pool.start()
+        self._dishonest: dict[int, tuple[int, float]] = {}
+        self._policy_timer = self.device.scheduler.timer(self._watch_policy_drops)
+        self._policy_timer.mod(1.0)
         self.conn.on_rebind = self._sockets_changed
         self.uapi = UAPIServer(self.name, self.device, self.device.lock)
         self.uapi.extensions["wgebpf-status=1"] = status.handler(self.device, self)
@@ -164,6 +168,24 @@ class Attachment:
         self.state.tc_filters.append(self.policy.attach())
         self.state.save()
         self.reuseport = ReuseportSteering()
+
+    def _watch_policy_drops(self) -> None:
+        """Log source-policy drops per peer, at most once per DISHONEST_LOG_EVERY
+        seconds each: kernel WireGuard's rate-limited "dishonest peer"
+        message, from the ingress program's counters."""
+        policy_of = lambda p: p.source_policy or self.device.source_policy
+        counts = self.policy.counters()
+        now = self.device.clock.monotonic()
+        for peer in self.device.peers.values():
+            dropped = sum(counts.get(peer.queue, {}).get(reason, 0)
+                          for reason in status.POLICY_DROPS)
+            seen, logged = self._dishonest.get(peer.queue, (0, -1e18))
+            seen = min(seen, dropped)           # a reused slot starts from zero
+            if dropped > seen and now - logged >= DISHONEST_LOG_EVERY:
+                log.warning("%s: %s sent %d packets with a source address its SourcePolicy "
+                            "(%s) does not allow", self.name, peer, dropped - seen, policy_of(peer))
+                self._dishonest[peer.queue] = (dropped, now)
+        self._policy_timer.mod(1.0)
 
     def _nft_filter(self) -> NftSourceFilter:
         """The admin-visible nftables table, made when a peer's SourcePolicy
