@@ -91,12 +91,24 @@ def show(name: str = typer.Argument(None, help="interface name (default: all)"))
 
     Example: wgebpf show wg0
     """
-    from .show import ShowError, interfaces, query, render
+    from .show import ShowError, interfaces, query, render, status
     names = [name] if name else interfaces()
-    try:
-        typer.echo("\n".join(render(n, query(n)) for n in names), nl=False)
-    except ShowError as exc:
-        fail(str(exc))
+    shown, failed = [], False
+    for each in names:
+        try:
+            device = query(each)
+        except ShowError as exc:        # one hung interface must not hide the others
+            typer.echo(f"wgebpf: {exc}", err=True)
+            failed = True
+            continue
+        try:
+            extra = status(each)
+        except ShowError:
+            extra = None                # not ours (wireguard-go): the plain layout
+        shown.append(render(each, device, extra=extra))
+    typer.echo("\n".join(shown), nl=False)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command("set")

@@ -95,8 +95,13 @@ def human_bytes(n: int) -> str:
     return _plural(n, "B").replace("Bs", "B")
 
 
-def render(name: str, device: dict, now: float | None = None) -> str:
+def render(name: str, device: dict, now: float | None = None, extra: dict | None = None) -> str:
+    """The `wg show` layout; `extra` (wgebpf's status) adds wgebpf's own
+    lines: peer selection, source policy and XDP mode per interface, the
+    policy and drops by reason per peer."""
     now = time.time() if now is None else now
+    extra = extra or {}
+    extra_peers = extra.get("peers", {})
     out = [f"interface: {name}"]
     if device.get("private_key"):
         private = bytes.fromhex(device["private_key"])
@@ -106,6 +111,11 @@ def render(name: str, device: dict, now: float | None = None) -> str:
     out.append(f"  listening port: {device.get('listen_port', '0')}")
     if device.get("fwmark", "0") not in ("0", ""):
         out.append(f"  fwmark: {int(device['fwmark']):#x}")
+    if extra:
+        out.append(f"  peer selection: {extra.get('peer_selection')}")
+        out.append(f"  source policy: {extra.get('source_policy')}")
+        out.append(f"  xdp guard: {extra.get('xdp_mode', 'off')}")
+        out += _drops_line(extra.get("drops", {}))
     peers = sorted(device["peers"], key=lambda p: -int(p.get("last_handshake_time_sec", 0)))
     for peer in peers:
         out.append("")
@@ -124,4 +134,15 @@ def render(name: str, device: dict, now: float | None = None) -> str:
         keepalive = int(peer.get("persistent_keepalive_interval", 0))
         if keepalive:
             out.append(f"  persistent keepalive: every {_plural(keepalive, 'second')}")
+        mine = extra_peers.get(_b64(peer["public_key"]))
+        if mine:
+            out.append(f"  source policy: {mine.get('source_policy')}")
+            out += _drops_line(mine.get("drops", {}))
     return "\n".join(out) + "\n"
+
+
+def _drops_line(drops: dict) -> list[str]:
+    counted = sorted((reason, n) for reason, n in drops.items() if n)
+    if not counted:
+        return []
+    return ["  dropped: " + ", ".join(f"{n} {reason}" for reason, n in counted)]
