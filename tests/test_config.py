@@ -39,6 +39,7 @@ PeerSelection = allowedips
 SourcePolicy = fib
 Workers = 2
 Metrics = 127.0.0.1:9586
+MetricsCompat = true
 
 [Peer]
 # a router with a v6 endpoint
@@ -82,6 +83,7 @@ def test_full_file():
     assert i.source_policy == "fib"
     assert i.workers == 2
     assert i.metrics == "127.0.0.1:9586"
+    assert i.metrics_compat is True
 
     p0, p1, p2 = cfg.peers
     assert p0 == config.PeerConfig(
@@ -345,6 +347,7 @@ ERRORS = [
     ("workers too many", iface("Workers = 257"), 3, "Workers", ["'257'"]),
     ("workers words", iface("Workers = many"), 3, "Workers", ["'many'"]),
     ("metrics port only", iface("Metrics = 9586"), 3, "Metrics", ["'9586'", "':9586'"]),
+    ("metrics compat not bool", iface("MetricsCompat = maybe"), 3, "MetricsCompat", ["'maybe'"]),
     ("metrics port 0", iface("Metrics = [::1]:0"), 3, "Metrics", ["'[::1]:0'", "1..65535"]),
     ("metrics no port", iface("Metrics = localhost"), 3, "Metrics", ["'localhost'", "no port"]),
 ]

@@ -205,8 +205,8 @@ class Attachment:
         def snapshot() -> dict:
             with self.device.lock:
                 return status.snapshot(self.device, self)
-        compat = getattr(self.config.interface, "metrics_compat", False)
-        self.metrics = MetricsServer(address, snapshot, compat=compat)
+        self.metrics = MetricsServer(address, snapshot,
+                                     compat=self.config.interface.metrics_compat)
         self.metrics.start()
         log.info("%s: metrics on http://%s/metrics", self.name, address)
 

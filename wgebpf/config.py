@@ -126,6 +126,7 @@ class InterfaceConfig:
     peer_mark: int = PEER_MARK_DEFAULT          # mask of the peer's slot in skb->mark
     workers: int | None = None                  # None = one per CPU
     metrics: str | None = None                  # 'ADDR:PORT' / '[v6]:PORT' / ':PORT'
+    metrics_compat: bool = False                # also the wireguard_* names
 
     @property
     def public_key(self) -> bytes:
@@ -456,6 +457,7 @@ _INTERFACE_KEYS = [
     _Key("PeerMark", "peer_mark", _peer_mark),
     _Key("Workers", "workers", _workers),
     _Key("Metrics", "metrics", _metrics),
+    _Key("MetricsCompat", "metrics_compat", _bool),
 ]
 
 _PEER_KEYS = [
@@ -740,6 +742,8 @@ def format_config(cfg: Config) -> str:
         out.append(f"Workers = {i.workers}")
     if i.metrics is not None:
         out.append(f"Metrics = {i.metrics}")
+    if i.metrics_compat:
+        out.append("MetricsCompat = true")
     for peer in cfg.peers:
         out += ["", "[Peer]", f"PublicKey = {keys.encode(peer.public_key)}"]
         if peer.preshared_key is not None:
