@@ -89,11 +89,11 @@ def test_full_file():
     assert p0 == config.PeerConfig(
         public_key=PUB[0], preshared_key=PSK, endpoint=("2001:db8::2", 51820),
         allowed_ips=[ip_network("192.0.2.2/32"), ip_network("2001:db8::2/128")],
-        persistent_keepalive=25, source_policy="off", line=21)
+        persistent_keepalive=25, source_policy="off", line=22)
     assert p1 == config.PeerConfig(
         public_key=PUB[1], endpoint=("peer.example.com", 4500),
-        allowed_ips=[ip_network("203.0.113.0/24")], persistent_keepalive=0, line=30)
-    assert p2 == config.PeerConfig(public_key=PUB[2], line=36)
+        allowed_ips=[ip_network("203.0.113.0/24")], persistent_keepalive=0, line=31)
+    assert p2 == config.PeerConfig(public_key=PUB[2], line=37)
 
 
 def test_minimal_file_defaults():
