@@ -20,11 +20,10 @@ import ipaddress
 import socket
 from typing import Iterable, NamedTuple
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from . import bpfmaps as m
-from .state import tc_record
+from . import tc
+from .tc import TC_PARENT_EGRESS
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -36,7 +35,6 @@ PROGRAMS = ("nexthop.c", "tun_steer.c", "policy.c")
 
 # Where the filter goes: clsact egress, one bpf filter we can name exactly
 # (prio and handle), so detach removes ours and nothing else.
-TC_PARENT_EGRESS = "ffff:fff3"
 TC_PRIO = 1
 TC_HANDLE = 1
 
@@ -90,37 +88,18 @@ class NextHopClassifier:
         return m.prog_info(self.prog_fd).id
 
     def attach(self) -> dict:
-        """Add the clsact qdisc (if missing) and our bpf filter on egress.
-
-        Returns the tc_record for the runtime-state file (also in .record).
-        """
-        if self.record is not None:
-            return self.record
-        with IPRoute() as ipr:
-            created = _add_clsact(ipr, self.ifindex)
-            try:
-                ipr.tc("add-filter", "bpf", self.ifindex, TC_HANDLE, fd=self.prog_fd,
-                       name="wg_nexthop", parent=TC_PARENT_EGRESS, prio=TC_PRIO,
-                       classid=1, direct_action=True)
-            except BaseException:
-                if created:
-                    _ignore_gone(ipr.tc, "del", "clsact", self.ifindex)
-                raise
-        self.record = tc_record(self.ifindex, self.ifname, TC_PARENT_EGRESS, prio=TC_PRIO,
-                                handle=TC_HANDLE, prog_id=self.prog_id, clsact=created)
+        """Our bpf filter on egress (and clsact if missing); returns the
+        tc_record for the runtime-state file (also in .record)."""
+        if self.record is None:
+            self.record = tc.attach_filter(self.ifindex, self.ifname, self.prog_fd, self.prog_id,
+                                           "wg_nexthop", TC_PARENT_EGRESS, TC_PRIO, TC_HANDLE)
         return self.record
 
     def detach(self) -> None:
         """Remove what attach() added; a device already gone is fine."""
         rec, self.record = self.record, None
-        if rec is None:
-            return
-        with IPRoute() as ipr:
-            if rec["clsact"]:
-                _ignore_gone(ipr.tc, "del", "clsact", self.ifindex)
-            else:
-                _ignore_gone(ipr.tc, "del-filter", "bpf", self.ifindex, TC_HANDLE,
-                             parent=TC_PARENT_EGRESS, prio=TC_PRIO)
+        if rec is not None:
+            tc.detach_filter(rec)
 
     def close(self) -> None:
         """Detach and release the programs and maps."""
@@ -247,22 +226,3 @@ def _lpm_key(net: Network) -> ctypes.Structure:
     return key
 
 
-def _add_clsact(ipr: IPRoute, ifindex: int) -> bool:
-    """Add clsact; False if the device already had one (then it is not ours)."""
-    try:
-        ipr.tc("add", "clsact", ifindex)
-    except NetlinkError as e:
-        if e.code != errno.EEXIST:
-            raise
-        return False
-    return True
-
-
-def _ignore_gone(call, *args, **kwargs) -> None:
-    try:
-        call(*args, **kwargs)
-    except NetlinkError as e:
-        # ENODEV: device gone (and its qdiscs with it); ENOENT/EINVAL: the
-        # qdisc or filter is gone already.
-        if e.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
-            raise

@@ -22,15 +22,13 @@ writes the policy map and config fields and reads the counters.
 from __future__ import annotations
 
 import ctypes
-import errno
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from . import bpfmaps as m
 from .config import PEER_MARK_DEFAULT, peer_mark_error
-from .nexthop import NextHopClassifier, _add_clsact, _check_slot, _ignore_gone
-from .state import tc_record
+from . import tc
+from .nexthop import NextHopClassifier, _check_slot
+from .tc import TC_PARENT_INGRESS
 
 POLICIES = ("allowedips", "fib", "nftables", "off")
 _CODE = {"allowedips": m.POLICY_ALLOWEDIPS, "fib": m.POLICY_FIB,
@@ -38,7 +36,6 @@ _CODE = {"allowedips": m.POLICY_ALLOWEDIPS, "fib": m.POLICY_FIB,
 
 # clsact ingress; prio and handle differ from the classifier's egress filter
 # (1, 1) so the two runtime-state records can never be mistaken for each other.
-TC_PARENT_INGRESS = "ffff:fff2"
 TC_PARENT_EGRESS = "ffff:fff3"
 TC_PRIO = 2
 TC_HANDLE = 2
@@ -90,43 +87,20 @@ class SourcePolicy:
         return m.prog_info(self.prog_fd).id
 
     def attach(self) -> dict:
-        """Add the clsact qdisc (if missing) and our bpf filter on ingress.
-
-        Attach after the classifier: then the qdisc is the classifier's
-        (its record says so) and ours is only the filter.
-
-        Returns the tc_record for the runtime-state file (also in .record).
-        """
-        if self.record is not None:
-            return self.record
-        with IPRoute() as ipr:
-            created = _add_clsact(ipr, self.ifindex)
-            try:
-                ipr.tc("add-filter", "bpf", self.ifindex, TC_HANDLE, fd=self.prog_fd,
-                       name="wg_policy", parent=TC_PARENT_INGRESS, prio=TC_PRIO,
-                       classid=1, direct_action=True)
-            except BaseException:
-                if created:
-                    _ignore_gone(ipr.tc, "del", "clsact", self.ifindex)
-                raise
-        self.record = tc_record(self.ifindex, self.ifname, TC_PARENT_INGRESS, prio=TC_PRIO,
-                                handle=TC_HANDLE, prog_id=self.prog_id, clsact=created)
+        """Our bpf filter on ingress (and clsact if missing). Attach after
+        the classifier: then the qdisc is the classifier's (its record says
+        so) and ours is only the filter. Returns the tc_record for the
+        runtime-state file (also in .record)."""
+        if self.record is None:
+            self.record = tc.attach_filter(self.ifindex, self.ifname, self.prog_fd, self.prog_id,
+                                           "wg_policy", TC_PARENT_INGRESS, TC_PRIO, TC_HANDLE)
         return self.record
 
     def detach(self) -> None:
-        """Remove our filter; a device (or clsact) already gone is fine.
-
-        The clsact qdisc goes too if we added it and nothing else is left on
-        it: the classifier's egress filter may share it.
-        """
+        """Remove our filter (and clsact if we added it and it is empty now)."""
         rec, self.record = self.record, None
-        if rec is None:
-            return
-        with IPRoute() as ipr:
-            _ignore_gone(ipr.tc, "del-filter", "bpf", self.ifindex, TC_HANDLE,
-                         parent=TC_PARENT_INGRESS, prio=TC_PRIO)
-            if rec["clsact"] and not _filters_left(ipr, self.ifindex):
-                _ignore_gone(ipr.tc, "del", "clsact", self.ifindex)
+        if rec is not None:
+            tc.detach_filter(rec)
 
     def close(self) -> None:
         """Detach and drop our overrides; the program and maps themselves
@@ -196,15 +170,3 @@ def _code(policy: str) -> int:
     return _CODE[policy]
 
 
-def _filters_left(ipr: IPRoute, ifindex: int) -> bool:
-    """Does clsact still hold any filter, on either hook?"""
-    for parent in (TC_PARENT_INGRESS, TC_PARENT_EGRESS):
-        try:
-            # Dumps list a header entry per chain too; real filters have options.
-            if any(f.get_attr("TCA_OPTIONS") for f in ipr.get_filters(index=ifindex,
-                                                                       parent=parent)):
-                return True
-        except NetlinkError as e:
-            if e.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
-                raise
-    return False
