@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-import os
 import re
 import secrets
 import select
 import socket
-import subprocess
 import time
-from contextlib import contextmanager
 
 import pytest
 
@@ -46,48 +43,7 @@ SO_MARK = 36
 
 # -- namespace plumbing ----------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextmanager
-def _inside(ns: str):
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
-        os.close(target)
-
-
-def sh(cmd: str) -> str:
-    return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
-
-
-@pytest.fixture
-def netns(root):
-    """Function scope; needs root. A fresh namespace the test's thread is in
-    (lo up), always deleted afterwards."""
-    name = f"wgebpf-bpf-{os.getpid()}-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        with _inside(name):
-            sh("ip link set lo up")
-            assert sh("ip -o link show").count("\n") == 1, "not in a fresh namespace"
-            yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+from nsutil import fresh_netns, sh  # noqa: F401  (the netns fixture)
 
 
 class Datapath:

@@ -22,20 +22,14 @@ the verdict's reason.
 
 from __future__ import annotations
 
-import ctypes
-import ipaddress
 import json
-import os
 import secrets
 import select
 import socket
-import struct
-import subprocess
-from contextlib import contextmanager
 
 import pytest
 
-from wgebpf import bpfmaps, state
+from wgebpf import bpfmaps, flood, state
 from wgebpf.config import PEER_MARK_DEFAULT
 from wgebpf.nexthop import NextHopClassifier
 from wgebpf.policy import POLICIES, SourcePolicy, peer_mark
@@ -54,80 +48,15 @@ SENTINEL_SOURCE = {4: "192.0.2.99", 6: "2001:db8:99::99"}
 # -- packets ---------------------------------------------------------------------
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def udp_packet(source: str, destination: str, payload: bytes, sport: int = 5555,
                dport: int = PORT) -> bytes:
     """An IPv4 or IPv6 UDP packet with correct checksums (the stack checks them)."""
-    src, dst = ipaddress.ip_address(source), ipaddress.ip_address(destination)
-    length = 8 + len(payload)
-    if src.version == 4:
-        pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, 17, length)
-    else:
-        pseudo = src.packed + dst.packed + struct.pack("!I3xB", length, 17)
-    udp = struct.pack("!HHHH", sport, dport, length, 0) + payload
-    udp = udp[:6] + struct.pack("!H", _checksum(pseudo + udp) or 0xFFFF) + udp[8:]
-    if src.version == 4:
-        head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0, 64, 17, 0,
-                           src.packed, dst.packed)
-        head = head[:10] + struct.pack("!H", _checksum(head)) + head[12:]
-    else:
-        head = struct.pack("!IHBB16s16s", 0x60000000, length, 17, 64, src.packed, dst.packed)
-    return head + udp
+    return flood.udp_packet(source, destination, sport, dport, payload)
 
 
 # -- namespace plumbing ------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextmanager
-def inside(ns: str):
-    """Run the calling thread in namespace `ns` (and children it forks)."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
-        os.close(target)
-
-
-def sh(cmd: str) -> str:
-    return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
-
-
-@pytest.fixture
-def netns(root):
-    """Function scope; needs root. A fresh namespace the test's thread is in
-    (lo up), always deleted afterwards (with every table and device in it)."""
-    name = f"wgebpf-pol-{os.getpid()}-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        with inside(name):
-            sh("ip link set lo up")
-            assert sh("ip -o link show").count("\n") == 1, "not in a fresh namespace"
-            yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+from nsutil import fresh_netns, sh  # noqa: F401  (the netns fixture)
 
 
 class Ingress:

@@ -44,6 +44,8 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from .icmp import checksum
+
 KINDS = ("random", "badlength", "data", "junk", "initiation", "initiation-mac1")
 MAX_SECONDS = 10.0
 MAX_PACKETS = 100_000_000
@@ -68,16 +70,6 @@ class FloodResult:
 
 
 # ---- packets ------------------------------------------------------------------
-
-def checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071) of `data`."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
 
 def udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes, *,
                ident: int = 0) -> bytes:
