@@ -581,7 +581,8 @@ def run(output_dir: str, systems: list[str], workers: list[int], selections: lis
     for rep in range(1, plan.repeats + 1):
         for setup in setups:
             result = run_repeat(setup, plan)
-            result["repeat"] = rep
+            # Other work on the machine skews a repeat: keep the evidence with it.
+            result["repeat"], result["loadavg_1min"] = rep, round(os.getloadavg()[0], 2)
             runs[setup].append(result)
             failed = ", ".join(k for k in result["errors"] if k != "log")
             _log(f"[{rep}/{plan.repeats}] {setup.id}: {_brief(result['values'])}"
@@ -663,7 +664,7 @@ def render_markdown(result: dict) -> str:
                     failures.append(f"- {c['id']}, repeat {r['repeat']}, {what}: "
                                     f"{err.splitlines()[0][:200]}")
     if result.get("ratios"):
-        lines += ["", f"Ratio of medians to {BASELINE.replace('-wireguard', ' <-> wireguard')} "
+        lines += ["", f"Ratio of medians to {Setup(BASELINE).id} "
                   "(above 1: more throughput, or more latency / CPU):", "",
                   "| Configuration | " + " | ".join(m.label for m in TABLE_METRICS) + " |",
                   "| --- |" + " ---: |" * len(TABLE_METRICS)]
