@@ -39,3 +39,18 @@ def test_handler_answers_text_and_errno():
     assert handle(["source_policy=nftables"]) == ("", 0)
     text, code = handle(["source_policy=bogus"])
     assert code == errno.EINVAL and "source_policy must be one of" in text
+
+
+def test_nftables_refused_while_peer_mark_and_fwmark_share_bits():
+    clock, network, a, b = pair()
+    a.device.peer_mark = 0xFF000000
+    a.device.set_fwmark(0x01000000)           # fine while nothing uses nftables
+    with pytest.raises(settings.SettingError) as err:
+        settings.apply(a.device, ["source_policy=nftables"])
+    assert err.value.errno == errno.EINVAL and "PeerMark" in str(err.value)
+    assert a.device.source_policy == "allowedips"
+    a.device.set_fwmark(0x1)
+    settings.apply(a.device, ["source_policy=nftables"])
+    with pytest.raises(OSError):               # and wg set fwmark cannot clash later
+        a.device.set_fwmark(0x02000000)
+    assert a.device.fwmark == 0x1

@@ -121,6 +121,7 @@ class Attachment:
         self.device = Device(self.name, iface.private_key, tun=self, conn=self.conn,
                              timing=Timing.from_environment(), addresses=iface.addresses, mtu=mtu)
         self.device.fwmark = iface.fwmark
+        self.device.peer_mark = iface.peer_mark
         self.device.source_policy = iface.source_policy
         self.device.peer_selection = iface.peer_selection
         self.device.force_under_load = os.environ.get("WGEBPF_TEST_FORCE_UNDER_LOAD") == "1"

@@ -171,7 +171,12 @@ class Device:
             self._listen_port = port
 
     def set_fwmark(self, mark: int) -> None:
-        self.fwmark = mark
+        from .settings import nftables_mark_conflict
+        previous, self.fwmark = self.fwmark, mark
+        problem = nftables_mark_conflict(self)
+        if problem:
+            self.fwmark = previous
+            raise DeviceError(problem)
         if self.conn is not None:
             self.conn.set_mark(mark)
 

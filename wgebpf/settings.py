@@ -9,7 +9,7 @@ with key=value lines, the way wg's own set works:
 
 import errno
 
-from .config import SOURCE_POLICIES
+from .config import PEER_MARK_DEFAULT, SOURCE_POLICIES, peer_mark_conflict
 
 
 class SettingError(Exception):
@@ -38,6 +38,9 @@ def apply(device, lines: list[str]) -> None:
             steps.append((peer, None if value == "default" else value))
         else:
             raise SettingError(errno.EINVAL, f"unknown setting {key!r}")
+    mark_problem = nftables_mark_conflict(device, [policy for _, policy in steps])
+    if mark_problem:
+        raise SettingError(errno.EINVAL, mark_problem)
     for target, policy in steps:
         if target is None:
             device.source_policy = policy
@@ -45,6 +48,16 @@ def apply(device, lines: list[str]) -> None:
             target.source_policy = policy
     if steps:
         device.dataplane.policy_changed()
+
+
+def nftables_mark_conflict(device, new_policies=()) -> str | None:
+    """PeerMark and FwMark may share no bits once any peer's policy is
+    nftables (config.peer_mark_conflict says why)."""
+    policies = {device.source_policy, *new_policies,
+                *(peer.source_policy for peer in device.peers.values())}
+    if "nftables" not in policies:
+        return None
+    return peer_mark_conflict(getattr(device, "peer_mark", PEER_MARK_DEFAULT), device.fwmark)
 
 
 def handler(device):

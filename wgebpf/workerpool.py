@@ -277,13 +277,15 @@ class WorkerPool:
         first time any peer's policy is `nftables`."""
         if self.policy is None:
             return
-        self.policy.set_default(self.device.source_policy)
-        for slot, peer in self.peer_by_slot.items():
-            self.policy.set_peer(slot, peer.source_policy)
+        # Table and sets first, marks second: never a marked packet without
+        # its peer's set to judge it.
         wanted = {self.device.source_policy} | {p.source_policy for p in self.peer_by_slot.values()}
         if "nftables" in wanted and self.nft is None and self.nft_factory is not None:
             self.nft = self.nft_factory()
             self.allowed_ips_changed()
+        self.policy.set_default(self.device.source_policy)
+        for slot, peer in self.peer_by_slot.items():
+            self.policy.set_peer(slot, peer.source_policy)
 
     def sockets_changed(self) -> None:
         """New listen port: hand out the new sockets and wait until every
