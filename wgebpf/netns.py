@@ -577,10 +577,11 @@ class Wgebpf(WgInterface):
 
     def __init__(self, ns: Namespace, ifname: str, config: InterfaceConfig,
                  underlay: str, *, env: dict[str, str] | None = None,
-                 config_text: str | None = None):
+                 config_text: str | None = None, args: Sequence[str] = ()):
         super().__init__(ns, ifname, config)
         self.underlay = underlay
         self.env = dict(env or {})
+        self.args = list(args)          # extra `wgebpf attach` options, e.g. ["--xdp", "generic"]
         self.config_text = config_text  # used verbatim instead of config, if given
         self.config_path = self.tmpdir / f"{ifname}.conf"
 
@@ -588,7 +589,7 @@ class Wgebpf(WgInterface):
         text = self.config_text or self.config.to_wg_quick()
         self._secret_file(self.config_path.name, text.rstrip("\n"))
         argv = wgebpf_argv() + ["attach", self.underlay, "--config",
-                                str(self.config_path), "--name", self.ifname]
+                                str(self.config_path), "--name", self.ifname, *self.args]
         with open(self.log_path, "wb") as log:
             self.proc = self.ns.popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                       env=dict(os.environ, **self.env))
