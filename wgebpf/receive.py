@@ -1,23 +1,28 @@
 """The receive path: UDP datagrams from peers to the TUN device.
 
-Pipeline, stage by stage (one data-plane thread in this version; with the
-worker pool, stages 3-6 run in the worker that owns the receiver index and
-stage 2 in the control plane):
+Pipeline, stage by stage, and which process runs each:
 
-  1. handle_datagram     type and length check (messages.is_well_formed);
-                         anything else is counted as malformed and dropped.
-  2. handle_handshake    initiation / response / cookie reply: mac1 always,
-                         mac2 (cookie) when under load, rate limit per source,
-                         then the Noise step; sessions are born here.
-  3. handle_data         receiver index -> keypair; reject counters the
-                         replay window cannot accept BEFORE decrypting (cheap).
-  4. decrypt             ChaCha20-Poly1305; only an authenticated packet may
-                         move the replay window, roam the endpoint, confirm
-                         a keypair or touch timers.
-  5. deliver             a well-formed IPv4/IPv6 packet (padding removed) is
-                         written to the peer's own TUN queue. The source
-                         address check (SourcePolicy) follows in the kernel:
-                         bpf/policy.c on the device's tc ingress.
+  0. (kernel)            the XDP guard (bpf/xdp_guard.c) drops junk on the
+                         underlay; the reuseport program (bpf/reuseport.c)
+                         hands a data message to the socket of the worker
+                         that owns its receiver index, anything else to the
+                         control plane's socket.
+  1. handle_datagram     (both) type and length check
+                         (messages.is_well_formed); anything else is counted
+                         as malformed and dropped.
+  2. handle_handshake    (control plane) initiation / response / cookie
+                         reply: mac1 always, mac2 (cookie) when under load,
+                         rate limit per source, then the Noise step;
+                         sessions are born here and handed to the worker.
+  3. handle_data         (worker) receiver index -> keypair; reject counters
+                         the replay window cannot accept BEFORE decrypting.
+  4. decrypt             (worker) ChaCha20-Poly1305; only an authenticated
+                         packet may move the replay window, roam the
+                         endpoint, confirm a keypair or count for timers.
+  5. deliver             (worker) a well-formed IPv4/IPv6 packet (padding
+                         removed) is written to the peer's own TUN queue.
+                         The source address check (SourcePolicy) follows in
+                         the kernel: bpf/policy.c on the device's tc ingress.
 """
 
 import logging

@@ -1,24 +1,31 @@
 """The send path: packets from the TUN device to peers over UDP.
 
-Pipeline, stage by stage (this version runs every stage in the one
-data-plane thread of the attach process; the worker pool of a later version
-splits it by peer, and each stage says what it needs to stay correct then):
+Pipeline, stage by stage, and which process runs each:
 
-  1. packet_from_tun     read by the event loop from the TUN queue.
-  2. select_peer         which peer carries the packet: the ONE place that
-                         decides (classic rule here: destination in
-                         allowed-ips). No peer: drop, count, and answer with
-                         ICMP destination unreachable.
-  3. Peer.stage          queue it on the peer, bounded (MAX_STAGED_PACKETS).
-  4. send_staged         with a usable current keypair, encrypt every staged
-                         packet in order (a keypair's counter is owned by one
-                         sender); without one, start a handshake and leave
-                         the packets staged until it completes.
-  5. encrypt_and_send    pad to 16, ChaCha20-Poly1305 with the counter as
-                         nonce, UDP to the peer's endpoint; fire the timer
-                         hooks; rekey if the keypair is getting old.
+  0. (kernel)            the FIB routes the packet into the device; tc egress
+                         (bpf/nexthop.c) picks the peer by the route's next
+                         hop, and the TUN steering program (bpf/tun_steer.c)
+                         puts it on that peer's queue. No peer: queue 0.
+  1. packet_for_peer     a worker reads the queue of a peer it owns: the
+                         queue IS the peer, nothing here looks anything up.
+     no_peer             the control plane reads queue 0: drop, count, and
+                         answer with ICMP destination unreachable.
+  2. Peer.stage          (worker) without a usable session, queue the packet
+                         on the peer, bounded (MAX_STAGED_PACKETS), and ask
+                         the control plane for a handshake.
+  3. send_staged         (worker) with a usable current keypair, encrypt every
+                         staged packet in order: a keypair's counter has
+                         exactly one owner, this worker.
+  4. encrypt_and_send    (worker) pad to 16, ChaCha20-Poly1305 with the
+                         counter as nonce, UDP from the worker's own socket
+                         to the peer's endpoint; record the timer events for
+                         the control plane; ask for a rekey when the keypair
+                         is getting old.
 
-Handshake messages (initiation, response, cookie reply) leave from here too.
+Handshake messages (initiation, response, cookie reply) leave from here too,
+sent by the control plane. select_peer (the classic destination rule) and
+packet_from_tun serve a device without the kernel parts: the in-memory
+test devices.
 """
 
 import logging
