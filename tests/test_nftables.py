@@ -21,7 +21,8 @@ import sys
 
 import pytest
 
-from test_bpf_policy import PEER_ADDRS, Ingress, netns  # noqa: F401 (netns: a fixture)
+from nsutil import fresh_netns  # noqa: F401 (the netns fixture)
+from test_bpf_policy import PEER_ADDRS, Ingress
 from wgebpf import state
 from wgebpf.nftables import NftSourceFilter, uncovered
 
