@@ -5,7 +5,6 @@ test, under a FakeClock, with no root and no kernel."""
 import ipaddress
 import struct
 
-from wgebpf.crypto import HASH
 from wgebpf.device import Device
 from wgebpf.keys import generate_private_key, public_key
 from wgebpf.scheduler import FakeClock

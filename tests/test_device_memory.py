@@ -1,7 +1,6 @@
 """Two whole devices over in-memory fakes: handshake, data, timers, replay,
 cookies, roaming. No root, no kernel, no sleeping (FakeClock)."""
 
-import pytest
 
 from memnet import ipv4_packet, ipv6_packet, pair
 from wgebpf.messages import (KEEPALIVE_TIMEOUT, MESSAGE_DATA, MESSAGE_HANDSHAKE_COOKIE,
