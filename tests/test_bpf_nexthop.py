@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-import re
 import secrets
 import select
 import socket
@@ -43,6 +42,7 @@ SO_MARK = 36
 
 # -- namespace plumbing ----------------------------------------------------------
 
+import bpflayout
 from nsutil import fresh_netns, sh  # noqa: F401  (the netns fixture)
 
 
@@ -325,60 +325,20 @@ def test_cost_per_packet(dp, mode):
 # -- header agreement -------------------------------------------------------
 
 
-def _c_defines() -> dict[str, str]:
-    """#define WG_NAME value lines of common.h (value text, comments stripped)."""
-    out = {}
-    with open(bpfmaps.COMMON_H) as f:
-        for line in f:
-            m = re.match(r"#define\s+WG_(\w+)\s+(.+?)\s*(/\*.*)?$", line)
-            if m:
-                out[m.group(1)] = m.group(2)
-    return out
-
-
 def test_common_h_and_bpfmaps_agree(root):
     """Every constant, struct size and field offset of common.h equals the
     Python mirror, as the C compiler (bcc's clang) computes them."""
-    from bcc import BPF
-
-    defines = _c_defines()
-    numbers = {k: v for k, v in defines.items() if not v.startswith('"')}
-    strings = {k: v.strip('"') for k, v in defines.items() if v.startswith('"')}
-    probes: list[tuple[str, str]] = []    # (what, C constant expression)
-    for name in numbers:
-        probes.append((f"const {name}", f"WG_{name}"))
-    for cname, cls in bpfmaps.STRUCTS.items():
-        probes.append((f"sizeof {cname}", f"sizeof(struct {cname})"))
-        for field, _ in cls._fields_:
-            probes.append((f"offsetof {cname}.{field}", f"offsetof(struct {cname}, {field})"))
     fib_fields = ["family", "l4_protocol", "sport", "dport", "tot_len", "ifindex", "tos",
                   "flowinfo", "ipv4_src", "ipv6_src", "ipv4_dst", "ipv6_dst", "h_vlan_proto",
                   "smac", "dmac"]
-    probes.append(("sizeof fib", "sizeof(struct wg_fib_lookup)"))
-    probes.append(("offsetof fib.mark", "offsetof(struct wg_fib_lookup, mark)"))
-    probes.append(("offsetof fib.tbid", "offsetof(struct wg_fib_lookup, tbid)"))
+    extra = [("sizeof fib", "sizeof(struct wg_fib_lookup)"),
+             ("offsetof fib.mark", "offsetof(struct wg_fib_lookup, mark)"),
+             ("offsetof fib.tbid", "offsetof(struct wg_fib_lookup, tbid)")]
     for field in fib_fields:
-        probes.append((f"offsetof fib.{field}", f"offsetof(struct wg_fib_lookup, {field})"))
-        probes.append((f"uapi fib.{field}", f"offsetof(struct bpf_fib_lookup, {field})"))
-    # Each value becomes the max_entries (+1, 0 is not allowed) of an
-    # unallocated hash map, which bcc reads back: the compiler's number.
-    text = '#include <uapi/linux/bpf.h>\n#include "common.h"\n' + "".join(
-        f"BPF_F_TABLE(\"hash\", u32, u8, p{i}, ({expr}) + 1, BPF_F_NO_PREALLOC);\n"
-        for i, (_, expr) in enumerate(probes))
-    b = BPF(text=text.encode(), cflags=[f"-I{bpfmaps.BPF_DIR}"])
-    try:
-        c = {what: b[f"p{i}".encode()].max_entries - 1 for i, (what, _) in enumerate(probes)}
-    finally:
-        b.cleanup()
-
-    for name in numbers:
-        assert getattr(bpfmaps, name) == c[f"const {name}"], name
-    for name, value in strings.items():
-        assert getattr(bpfmaps, name) == value, name
-    for cname, cls in bpfmaps.STRUCTS.items():
-        assert ctypes.sizeof(cls) == c[f"sizeof {cname}"], cname
-        for field, _ in cls._fields_:
-            assert getattr(cls, field).offset == c[f"offsetof {cname}.{field}"], (cname, field)
+        extra.append((f"offsetof fib.{field}", f"offsetof(struct wg_fib_lookup, {field})"))
+        extra.append((f"uapi fib.{field}", f"offsetof(struct bpf_fib_lookup, {field})"))
+    c = bpflayout.assert_mirror(bpfmaps, bpfmaps.COMMON_H, "WG",
+                                '#include <uapi/linux/bpf.h>\n#include "common.h"\n', extra)
     # Our 6.10+ struct bpf_fib_lookup: 64 bytes, tbid at 48, mark at 52 (in a
     # union with smac), every older field where the bpf.h bcc compiles
     # against (its own copy of the UAPI header) has it.

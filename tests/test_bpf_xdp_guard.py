@@ -31,6 +31,7 @@ from contextlib import contextmanager
 import pytest
 from pyroute2 import IPRoute
 
+import bpflayout
 from wgebpf import bpfmaps, netns, state
 from wgebpf import flood as F
 from wgebpf import xdp_guard as X
@@ -345,46 +346,11 @@ def test_under_load_after_threshold_and_for_the_hold_time(fresh):
 
 # -- header and mirror -----------------------------------------------------------------
 
-def _c_defines() -> dict[str, str]:
-    out = {}
-    with open(X.HEADER) as f:
-        for line in f:
-            m = re.match(r"#define\s+WGX_(\w+)\s+(.+?)\s*(/\*.*)?$", line)
-            if m:
-                out[m.group(1)] = m.group(2)
-    return out
-
-
 @pytest.mark.netns
 def test_xdp_guard_h_and_the_python_mirror_agree(root):
     """Every constant, struct size and field offset of xdp_guard.h equals
     xdp_guard.py's, as bcc's clang computes them."""
-    from bcc import BPF
-
-    defines = _c_defines()
-    numbers = {k: v for k, v in defines.items() if not v.startswith('"')}
-    strings = {k: v.strip('"') for k, v in defines.items() if v.startswith('"')}
-    probes = [(f"const {n}", f"WGX_{n}") for n in numbers]
-    for cname, cls in X.STRUCTS.items():
-        probes.append((f"sizeof {cname}", f"sizeof(struct {cname})"))
-        probes += [(f"offsetof {cname}.{f}", f"offsetof(struct {cname}, {f})") for f, _ in cls._fields_]
-    # Each value becomes the max_entries (+1) of an unallocated hash map.
-    text = '#include "xdp_guard.h"\n' + "".join(
-        f"BPF_F_TABLE(\"hash\", u32, u8, p{i}, ({expr}) + 1, BPF_F_NO_PREALLOC);\n"
-        for i, (_, expr) in enumerate(probes))
-    b = BPF(text=text.encode(), cflags=[f"-I{bpfmaps.BPF_DIR}"])
-    try:
-        c = {what: b[f"p{i}".encode()].max_entries - 1 for i, (what, _) in enumerate(probes)}
-    finally:
-        b.cleanup()
-    for name in numbers:
-        assert getattr(X, name) == c[f"const {name}"], name
-    for name, value in strings.items():
-        assert getattr(X, name) == value, name
-    for cname, cls in X.STRUCTS.items():
-        assert ctypes.sizeof(cls) == c[f"sizeof {cname}"], cname
-        for f, _ in cls._fields_:
-            assert getattr(cls, f).offset == c[f"offsetof {cname}.{f}"], (cname, f)
+    bpflayout.assert_mirror(X, X.HEADER, "WGX", '#include "xdp_guard.h"\n')
     assert all(0 <= i < X.CNT_MAX for i in X.COUNTER_NAMES)
     assert set(X.PASS_REASONS + X.DROP_REASONS) == {X.COUNTER_NAMES[i] for i in range(X.CNT_RATE_LIMITED + 1)}
 
