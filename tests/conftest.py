@@ -19,8 +19,20 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from wgebpf import netns
+
+# Property-based fuzz tests (tests/test_fuzz_*.py): a bounded budget by
+# default, so CI stays short; a long run with
+#   ./scripts/test.sh tests/ -k fuzz --hypothesis-profile=long --hypothesis-show-statistics
+# (the statistics show how many inputs each target tried). Every crash a
+# run finds becomes an explicit @example or regression test.
+settings.register_profile("ci", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=50_000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
 
 IMPLEMENTATIONS = ("wgebpf", "wireguard-go")
 
