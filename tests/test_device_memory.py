@@ -222,3 +222,21 @@ def test_multicast_without_peer_is_dropped_silently():
     a.device.on_tun_packet(ipv4_packet("198.51.100.1", "224.0.0.22"))
     assert a.tun.received == [] and a.device.drops["multicast"] == 2
     assert a.device.drops["no_peer"] == 0
+
+
+def test_responder_with_waiting_data_sends_no_initiation_of_its_own():
+    """A response counts as a handshake sent (kernel, wireguard-go): data the
+    responder has for the peer waits for the session being confirmed instead
+    of starting a second handshake right behind the response."""
+    clock, network, a, b = pair()
+    to_b = ipv4_packet("198.51.100.1", "198.51.100.2")
+    to_a = ipv4_packet("198.51.100.2", "198.51.100.1")
+    a.device.on_tun_packet(to_b)
+    network.pump(limit=1)                   # B has the initiation, its response is in flight
+    b.device.on_tun_packet(to_a)            # B's data waits for the session
+    network.pump()
+    run(clock, network, a, b, 2 * REKEY_TIMEOUT)
+    handshakes = [t for t in types_sent(network)
+                  if t in (MESSAGE_HANDSHAKE_INITIATION, MESSAGE_HANDSHAKE_RESPONSE)]
+    assert handshakes == [MESSAGE_HANDSHAKE_INITIATION, MESSAGE_HANDSHAKE_RESPONSE]
+    assert a.tun.received == [to_a] and b.tun.received == [to_b]

@@ -134,6 +134,7 @@ class Device:
         self._handshake_times: collections.deque = collections.deque()
         self._last_under_load = -1e18
         self.drops: collections.Counter = collections.Counter()
+        self._last_watcher_warning = -1e18
         self.handshake_durations = Histogram(HANDSHAKE_DURATION_BUCKETS)
         self.lock = threading.RLock()
 
@@ -207,7 +208,8 @@ class Device:
         self.zero_key_material(peer)
         peer.purge_staged()
         self.allowed_ips.remove_by_peer(peer)
-        self.dataplane.peer_removed(peer)
+        self.dataplane.peer_removed(peer)      # first: a worker pool unmaps its sessions
+        self.forget_indices_of(peer)
         self.dataplane.allowed_ips_changed()
 
     def remove_all_peers(self) -> None:
@@ -233,23 +235,69 @@ class Device:
 
     # Watchers mirror the live indices elsewhere: the XDP guard's map (so it
     # can drop data for dead sessions), or, in a worker, the list of
-    # released indices it reports to the control plane.
+    # released indices it reports to the control plane. Every index that
+    # dies goes through forget_index, so the watchers keep no stale ones.
 
-    def new_index(self, peer, owner) -> int:
+    # At most one warning per this many seconds about failing watchers.
+    WATCHER_WARNING_INTERVAL = 10.0
+
+    def new_index(self, peer, owner) -> int | None:
+        """A fresh receiver index for `owner`, known to every watcher; or
+        None (counted as an "index_refused" drop) when a watcher cannot take
+        it, e.g. the XDP guard's map is full: the caller then starts no
+        session, since the guard would drop every message naming it."""
+        index = self._unused_index()
+        self.indices[index] = (peer, owner)
+        for watcher in self.index_watchers:
+            try:
+                watcher.add_index(index)
+            except (OSError, KeyError) as exc:      # a full BPF hash map: E2BIG, ENOMEM
+                self.forget_index(index)
+                self.drop("index_refused", peer)
+                self._warn("%s: no session index for %s, handshake refused (%s: %r)",
+                           self.name, peer, type(watcher).__name__, exc)
+                return None
+        return index
+
+    def _unused_index(self) -> int:
         while True:
             index = int.from_bytes(os.urandom(4), "little")
             if index and index not in self.indices:
-                self.indices[index] = (peer, owner)
-                for watcher in self.index_watchers:
-                    watcher.add_index(index)
                 return index
 
     def forget_index(self, index: int) -> None:
-        if self.indices.pop(index, None) is not None:
-            for watcher in self.index_watchers:
+        if self.indices.pop(index, None) is None:
+            return
+        for watcher in self.index_watchers:
+            try:
                 watcher.remove_index(index)
+            except (OSError, KeyError) as exc:
+                self._warn("%s: index watcher %s could not remove an index: %r",
+                           self.name, type(watcher).__name__, exc)
 
     drop_index = forget_index
+
+    def forget_handshake_index(self, peer) -> None:
+        """The index of the peer's handshake dies: a new handshake (ours or
+        the peer's) supersedes it, or the keys are zeroed."""
+        index = peer.handshake.local_index
+        entry = self.indices.get(index)
+        if entry is not None and entry[1] is peer.handshake:
+            self.forget_index(index)
+        peer.handshake.local_index = 0
+
+    def forget_indices_of(self, peer) -> None:
+        """Whatever index still names a removed peer dies with it."""
+        for index in [i for i, (owner, _) in self.indices.items() if owner is peer]:
+            self.forget_index(index)
+
+    def _warn(self, message: str, *args) -> None:
+        """log.warning, at most once per WATCHER_WARNING_INTERVAL: with a full
+        map every handshake fails, and that must not flood the log."""
+        now = self.clock.monotonic()
+        if now - self._last_watcher_warning >= self.WATCHER_WARNING_INTERVAL:
+            self._last_watcher_warning = now
+            log.warning(message, *args)
 
     def release_retired_keypairs(self, peer) -> None:
         for keypair in peer.keypairs.take_retired():
@@ -266,8 +314,7 @@ class Device:
     def zero_key_material(self, peer) -> None:
         """Forget every key of a peer (after 3 x REJECT_AFTER_TIME, or on removal)."""
         self.dataplane.zero_keys(peer)
-        if peer.handshake.local_index:
-            self.drop_index(peer.handshake.local_index)
+        self.forget_handshake_index(peer)
         peer.handshake.clear()
 
     def drop(self, reason: str, peer=None, count: int = 1) -> None:

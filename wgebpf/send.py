@@ -186,14 +186,20 @@ def send_handshake_initiation(device, peer, retry: bool) -> None:
         return                      # one initiation per REKEY_TIMEOUT at most
     if peer.endpoint is None or device.identity.private_key is None:
         return
-    if peer.handshake.local_index:
-        device.drop_index(peer.handshake.local_index)
+    device.forget_handshake_index(peer)         # a new initiation supersedes ours
+    index = device.new_index(peer, peer.handshake)
+    if index is None:
+        # Refused and counted by the device (no room in the XDP guard's map):
+        # as if this initiation were lost, the retransmit timer tries again.
+        peer.handshake.clear()
+        peer.last_sent_handshake = now
+        peer.timers.handshake_initiated()
+        return
     try:
-        index = device.new_index(peer, peer.handshake)
         message = create_initiation(device.identity, peer.handshake, index,
                                     tai64n.now(device.clock.wall))
     except HandshakeError as exc:
-        device.drop_index(index)
+        device.forget_index(index)
         log.warning("%s: cannot create handshake initiation for %s: %s", device.name, peer, exc)
         return
     peer.last_sent_handshake = now
@@ -208,12 +214,22 @@ def send_handshake_initiation(device, peer, retry: bool) -> None:
 
 
 def send_handshake_response(device, peer) -> None:
+    # The peer's initiation supersedes one of ours that crossed it (its
+    # state is already overwritten): its index dies now, as in the kernel
+    # and wireguard-go, or it would live on with nothing to free it.
+    device.forget_handshake_index(peer)
     index = device.new_index(peer, peer.handshake)
+    if index is None:
+        peer.handshake.clear()                  # refused and counted: no answer
+        return
     try:
         message = create_response(peer.handshake, index)
     except HandshakeError:
-        device.drop_index(index)
+        device.forget_index(index)
         raise
+    # A response is a handshake sent: data waiting here must not start a
+    # second handshake right behind it (kernel, wireguard-go).
+    peer.last_sent_handshake = device.clock.monotonic()
     peer.cookie.add_macs(message)
     keypair = begin_session(peer.handshake, index, device.clock.monotonic(), peer)
     peer.keypair_installed_at = keypair.birthdate
