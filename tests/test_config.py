@@ -247,8 +247,13 @@ ERRORS = [
     ("unknown section", iface("[Peers]"), 3, None, ["'[Peers]'", "did you mean [Peer]"]),
     ("bad header", iface("[Peer"), 3, None, ["'[Peer'", "section header"]),
     ("key outside a section", f"ListenPort = 1\n{HEAD}", 1, "ListenPort", ["outside a section"]),
-    ("line without =", iface("ListenPort 51820"), 3, None, ["'ListenPort 51820'", "no '='"]),
+    ("line without =", iface("ListenPort 51820"), 3, "ListenPort",
+     ["not a 'Key = Value' line", "no '='", "'ListenPort = ...'"]),
+    ("line without =, unknown word", iface("Colour blue"), 3, None, ["no '='"]),
     ("no key", iface("= 5"), 3, None, ["no key"]),
+    ("not a key name before =", iface("ListenPort: 51820 = 1"), 3, "ListenPort",
+     ["not a key name"]),
+    ("long header typo", iface("[Interface"), 3, None, ["'[Interface'", "section header"]),
     ("unknown key, typo", iface("ListenPrt = 1"), 3, "ListenPrt",
      ["unknown key", "did you mean ListenPort?"]),
     ("unknown key, spaced", peer("Allowed IPs = 192.0.2.0/24"), 5, "Allowed IPs",
@@ -379,6 +384,118 @@ def test_secret_keys_are_never_quoted(text):
         parse(text, PATH)
     for secret in (PRIV_B64[1:], PRIV_B64[:20], PSK_B64[:-2]):
         assert secret not in str(err.value)
+
+
+# A real generated key and psk: a leak must not hide behind fixed test bytes.
+SECRET_KEY_B64 = keys.encode(keys.generate_private_key())
+SECRET_PSK_B64 = keys.encode(keys.generate_preshared_key())
+
+
+def secret_pieces(secret: str, size: int = 8) -> list[str]:
+    """Every `size`-character substring of `secret`."""
+    return [secret[i:i + size] for i in range(len(secret) - size + 1)]
+
+
+def assert_no_secret(message: str) -> None:
+    for secret in (SECRET_KEY_B64, SECRET_PSK_B64):
+        leaked = [piece for piece in secret_pieces(secret) if piece in message]
+        assert not leaked, f"{message!r} quotes key material {leaked[0]!r}"
+
+
+def in_interface(line: str) -> str:
+    """Line 2 of a file, in [Interface]."""
+    return f"[Interface]\n{line}\nListenPort = 1\n"
+
+
+def in_peer(line: str) -> str:
+    """Line 5 of a file, in a [Peer] (after a valid [Interface])."""
+    return f"[Interface]\nPrivateKey = {PRIV_B64}\n[Peer]\nPublicKey = {PUB_B64[0]}\n{line}\n"
+
+
+K, P = SECRET_KEY_B64, SECRET_PSK_B64
+SECRET_LINES = [
+    ("key without ' = '", in_interface(f"PrivateKey {K}"), 2),
+    ("key after a colon", in_interface(f"PrivateKey: {K}"), 2),
+    ("key after a tab", in_interface(f"PrivateKey\t{K}"), 2),
+    ("bare key line", in_interface(K), 2),
+    ("bare key without its =", in_interface(K[:-1]), 2),
+    ("key as a section", in_interface(f"[{K}]"), 2),
+    ("key in a broken header", in_interface(f"[Interface {K}"), 2),
+    ("key before a second =", in_interface(f"{K} = PrivateKey"), 2),
+    ("key outside a section", f"PrivateKey: {K}\n[Interface]\n", 1),
+    ("private key truncated", in_interface(f"PrivateKey = {K[:-2]}="), 2),
+    ("private key bad char", in_interface(f"PrivateKey = {K[:30]}*{K[31:]}"), 2),
+    ("private key too long", in_interface(f"PrivateKey = {K}{K}"), 2),
+    ("private key quoted", in_interface(f"PrivateKey = '{K}'"), 2),
+    ("private key twice", in_interface(f"PrivateKey = {K}\nPrivateKey = {K}"), 3),
+    ("psk with leading =", in_peer(f"=PresharedKey = {P}"), 5),
+    ("psk without ' = '", in_peer(f"PresharedKey {P}"), 5),
+    ("psk after a colon", in_peer(f"PresharedKey: {P}"), 5),
+    ("bare psk line", in_peer(P), 5),
+    ("psk misspelt key", in_peer(f"PreSharedKy = {P}"), 5),
+    ("psk truncated", in_peer(f"PresharedKey = {P[:-2]}="), 5),
+    ("psk unknown key", in_peer(f"Psk = {P}"), 5),
+]
+
+
+@pytest.mark.parametrize("text, line", [case[1:] for case in SECRET_LINES],
+                         ids=[case[0] for case in SECRET_LINES])
+def test_errors_never_quote_key_material(text, line):
+    with pytest.raises(ConfigError) as err:
+        parse(text, PATH)
+    assert str(err.value).startswith(f"{PATH}:{line}: ")
+    for each in err.value.errors:          # every error, not only the one shown
+        assert_no_secret(str(each))
+
+
+@pytest.mark.parametrize("key_line", ["ListenPort = {}", "MTU = {}", "FwMark = {}", "Table = {}",
+                                      "Workers = {}", "PeerMark = {}",
+                                      "Metrics = 127.0.0.1:{}", "Metrics = {}"])
+@pytest.mark.parametrize("digits", [4301, 100_000])
+def test_huge_interface_numbers_are_config_errors(key_line, digits):
+    # int() refuses over 4300 digits with its own ValueError, which escaped.
+    with pytest.raises(ConfigError) as err:
+        parse(iface(key_line.format("9" * digits)), PATH)
+    message = str(err.value)
+    assert message.startswith(f"{PATH}:3: {key_line.split()[0]}: ")
+    assert len(message) < 300, "a huge value is cut short in the message"
+
+
+@pytest.mark.parametrize("key_line", ["PersistentKeepalive = {}", "Endpoint = 192.0.2.2:{}",
+                                      "Endpoint = [2001:db8::2]:{}"])
+def test_huge_peer_numbers_are_config_errors(key_line):
+    with pytest.raises(ConfigError) as err:
+        parse(peer(key_line.format("1" + "0" * 5000)), PATH)
+    assert str(err.value).startswith(f"{PATH}:5: {key_line.split()[0]}: ")
+    assert "out of range" in str(err.value)
+
+
+def test_leading_zeros_do_not_count_as_digits():
+    i = parse(iface("ListenPort = " + "0" * 5000 + "51820")).interface
+    assert i.listen_port == 51820
+
+
+def test_quoted_values_are_one_line():
+    # split("\n") leaves \r, \v and U+2028 in a value; a terminal breaks lines there.
+    with pytest.raises(ConfigError) as err:
+        parse(iface("MTU = 1\r2\u2028\x0b3"), PATH)
+    assert str(err.value).isprintable()
+    assert "'1\\r2\\u2028\\x0b3'" in str(err.value)
+
+
+def test_load_refuses_an_endless_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "MAX_CONFIG_BYTES", 1000)
+    path = tmp_path / "big.conf"
+    path.write_text(HEAD + "# padding\n" * 200)
+    with pytest.raises(ConfigError, match="larger than"):
+        config.load(path)
+
+
+def test_parse_metrics():
+    assert config.parse_metrics("[::1]:9586") == "[::1]:9586"
+    for bad in ("9586", ":99999", "[::1", ":" + "9" * 5000, "localhost"):
+        with pytest.raises(ValueError):
+            config.parse_metrics(bad)
 
 
 def test_valid_values_near_the_limits():

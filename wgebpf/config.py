@@ -43,7 +43,7 @@ from typing import Callable
 from wgebpf import keys
 
 __all__ = ["ConfigError", "PeerConfig", "InterfaceConfig", "Config", "parse", "load",
-           "format_config", "parse_endpoint", "route_table_id",
+           "format_config", "parse_endpoint", "parse_metrics", "route_table_id",
            "PEER_SELECTIONS", "SOURCE_POLICIES", "MAX_WORKERS", "PEER_MARK_DEFAULT",
            "peer_mark_error", "peer_mark_conflict"]
 
@@ -59,6 +59,9 @@ PEER_MARK_MIN_BITS = 8      # slots are 1..255
 MTU_MIN_IPV4 = 576
 MTU_MIN_IPV6 = 1280   # RFC 8200: a link carrying IPv6 must take 1280 bytes
 MTU_MAX = 65535
+# Beyond any legitimate file (about 100 000 peers), and a bound on what a
+# mistaken --config /dev/zero reads before it is refused.
+MAX_CONFIG_BYTES = 16 << 20
 
 # Where iproute2 looks up table names (newer versions fall back to /usr/share).
 RT_TABLES_FILES = ("/etc/iproute2/rt_tables", "/etc/iproute2/rt_tables.d/*.conf",
@@ -146,8 +149,32 @@ class _Invalid(Exception):
 
 # ---------------------------------------------------------------- values
 
+# Longest value an error message quotes in full.
+QUOTE_MAX = 60
+
+
 def _quote(value: str) -> str:
-    return f"'{value}'"
+    """`value` for an error message. Never pass a private or preshared key.
+
+    An error must stay one readable line: control and other unprintable
+    characters are escaped, and a huge value (a 5000-digit port) is cut short.
+    """
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in value[:QUOTE_MAX])
+    return f"'{shown}{'...' if len(value) > QUOTE_MAX else ''}'"
+
+
+# More digits than any range we check; int() refuses over 4300 digits with a
+# ValueError, so longer numbers must never reach it.
+_DECIMAL_DIGITS_MAX = 20
+
+
+def _decimal(digits: str) -> int:
+    """The value of an ASCII digit string; anything over 20 significant
+    digits comes back as 10**20, which is out of every range we check."""
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > _DECIMAL_DIGITS_MAX:
+        return 10 ** _DECIMAL_DIGITS_MAX
+    return int(significant)
 
 
 def _uint(value: str, lo: int, hi: int, words: str = "") -> int:
@@ -155,7 +182,7 @@ def _uint(value: str, lo: int, hi: int, words: str = "") -> int:
     # Python's int() also takes '+5', '1_000' and non-ASCII digits; wg does not.
     if not re.fullmatch(r"[0-9]+", value):
         raise _Invalid(f"{_quote(value)} is not {words}a whole number")
-    number = int(value)
+    number = _decimal(value)
     if not lo <= number <= hi:
         raise _Invalid(f"{_quote(value)} is out of range {lo}..{hi}")
     return number
@@ -205,7 +232,7 @@ def _u32(value: str, words: str = "") -> int:
         raise _Invalid(f"{_quote(value)} has a leading zero (wg would read it as octal); "
                        f"write it in decimal or as 0x hex")
     elif re.fullmatch(r"[0-9]+", value):
-        number = int(value)
+        number = _decimal(value)
     else:
         raise _Invalid(f"{_quote(value)} is not {words}a number or 0x hex")
     if number > 0xFFFFFFFF:
@@ -314,9 +341,9 @@ def _split_host_port(value: str, allow_empty_host: bool) -> tuple[str, int]:
             raise _Invalid(f"{_quote(value)} has no host: expected HOST:PORT")
     if not re.fullmatch(r"[0-9]+", port):
         raise _Invalid(f"{_quote(value)}: port {_quote(port)} is not a number")
-    number = int(port)
+    number = _decimal(port)
     if not 1 <= number <= 65535:
-        raise _Invalid(f"{_quote(value)}: port {port} is out of range 1..65535")
+        raise _Invalid(f"{_quote(value)}: port {_quote(port)} is out of range 1..65535")
     return host, number
 
 
@@ -374,7 +401,7 @@ def _table(value: str) -> str:
     if value.lower() in ("auto", "off"):
         return value.lower()
     if re.fullmatch(r"[0-9]+", value):
-        if int(value) == 0:
+        if _decimal(value) == 0:
             raise _Invalid("table 0 is 'unspec' and holds no routes")
         return str(_uint(value, 1, 0xFFFFFFFF))
     names = _rt_table_names()
@@ -423,10 +450,19 @@ def _workers(value: str) -> int | None:
 
 def _metrics(value: str) -> str:
     if re.fullmatch(r"[0-9]+", value):
-        raise _Invalid(f"{_quote(value)} has no address: write ':{value}' to listen on "
-                       f"every address or '127.0.0.1:{value}' for this host only")
+        port = value if len(value) <= 5 else "PORT"
+        raise _Invalid(f"{_quote(value)} has no address: write ':{port}' to listen on "
+                       f"every address or '127.0.0.1:{port}' for this host only")
     _split_host_port(value, allow_empty_host=True)
     return value
+
+
+def parse_metrics(value: str) -> str:
+    """A Metrics address ('ADDR:PORT', '[v6]:PORT', ':PORT'); ValueError when malformed."""
+    try:
+        return _metrics(value)
+    except _Invalid as exc:
+        raise ValueError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- keys
@@ -473,6 +509,31 @@ _SECTIONS = {
     "interface": ("Interface", {k.name.lower(): k for k in _INTERFACE_KEYS}),
     "peer": ("Peer", {k.name.lower(): k for k in _PEER_KEYS}),
 }
+_ALL_KEYS = {**_SECTIONS["peer"][1], **_SECTIONS["interface"][1]}
+
+# What the user wrote where a key or section name belongs is echoed only when
+# it cannot be key material: base64 keys end in '=', so on a line like
+# `PrivateKey yAnz...=` or a bare key everything before the '=' is 43 of the
+# key's 44 characters. Echoed are: names too short to give a key away, and
+# known names or close misspellings of them.
+_SHORT_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9 _.-]{0,6}")
+_WORDS_RE = re.compile(r"[A-Za-z][A-Za-z _-]{0,31}")
+
+
+def _echoable(name: str, known) -> bool:
+    """Whether `name`, found where a name from `known` (lowercase) belongs,
+    may appear in an error message."""
+    if _SHORT_NAME_RE.fullmatch(name):
+        return True
+    if not _WORDS_RE.fullmatch(name):
+        return False
+    return bool(difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6))
+
+
+def _leading_key(line: str) -> _Key | None:
+    """The known key a malformed line starts with ('PrivateKey: ...'), if any."""
+    word = re.match(r"[A-Za-z]*", line).group(0)
+    return _ALL_KEYS.get(word.lower())
 
 
 # ---------------------------------------------------------------- parsing
@@ -538,13 +599,17 @@ class _Parser:
     def _header(self, line: str, number: int, first_interface: int | None) -> _Section | None:
         match = re.fullmatch(r"\[\s*([A-Za-z]+)\s*\]", line)
         if not match:
-            self.error(number, None, f"{_quote(line)} is not a section header like [Peer]")
+            inner = line.strip("[] \t")
+            shown = f"{_quote(line)} is" if _echoable(inner, _SECTIONS) else "this line is"
+            self.error(number, None, f"{shown} not a section header like [Peer]")
             return None
         name = match.group(1).lower()
         if name not in _SECTIONS:
             hint = difflib.get_close_matches(name, _SECTIONS, n=1)
             also = f"; did you mean [{_SECTIONS[hint[0]][0]}]?" if hint else ""
-            self.error(number, None, f"unknown section {_quote('[' + match.group(1) + ']')}"
+            shown = (f" {_quote('[' + match.group(1) + ']')}"
+                     if _echoable(match.group(1), _SECTIONS) else "")
+            self.error(number, None, f"unknown section{shown}"
                                      f" (known: [Interface], [Peer]){also}")
             return None
         if name == "interface" and first_interface is not None:
@@ -554,12 +619,16 @@ class _Parser:
         return _Section(name, number)
 
     def _entry(self, line: str, number: int, section: _Section | None) -> _Entry | None:
+        # Neither the line nor its value is quoted here: either may be a key.
         if "=" not in line:
-            self.error(number, None, f"{_quote(line)} is not 'Key = Value' (no '=')")
+            self._not_key_value(line, number, "no '='")
             return None
         name, value = (part.strip() for part in line.split("=", 1))
         if not name:
-            self.error(number, None, f"{_quote(line)} has no key before '='")
+            self.error(number, None, "not a 'Key = Value' line: no key before '='")
+            return None
+        if name.lower() not in _ALL_KEYS and not _echoable(name, _ALL_KEYS):
+            self._not_key_value(line, number, "the text before '=' is not a key name")
             return None
         if section is None:
             self.error(number, name, "key outside a section; put it under [Interface] or [Peer]")
@@ -569,6 +638,14 @@ class _Parser:
             self.error(number, name, self._unknown_key(name, section.kind))
             return None
         return _Entry(number, key, value)
+
+    def _not_key_value(self, line: str, number: int, why: str) -> None:
+        key = _leading_key(line)
+        if key is None:
+            self.error(number, None, f"not a 'Key = Value' line: {why}")
+        else:
+            self.error(number, key.name, f"not a 'Key = Value' line: {why} "
+                                         f"(write '{key.name} = ...')")
 
     @staticmethod
     def _unknown_key(name: str, kind: str) -> str:
@@ -692,9 +769,12 @@ def load(path: str | os.PathLike) -> Config:
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(name, None, None, f"cannot read: {exc.strerror or exc}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(name, None, None, f"larger than {MAX_CONFIG_BYTES >> 20} MiB; "
+                                            f"not a configuration file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
