@@ -260,6 +260,10 @@ SET_CASES = [
      lambda d: list(d.peers) == [PK1, PK3]),
     ("blank line ends the request", "listen_port=1\n\nlisten_port=2", lambda d: d.listen_port == 1),
     ("empty request", "", lambda d: list(d.peers) == [PK1, PK2]),
+    # strconv.ParseUint takes leading zeros, however many.
+    ("listen_port 5000 leading zeros", "listen_port=" + "0" * 5000 + "7", lambda d: d.listen_port == 7),
+    ("endpoint port leading zeros", f"public_key={PK2.hex()}\nendpoint=192.0.2.9:" + "0" * 5000 + "1",
+     lambda d: d.peers[PK2].endpoint == ("192.0.2.9", 1)),
 ]
 
 
@@ -320,6 +324,13 @@ ERROR_CASES = [
     ("allowed_ip netmask", PEER + "allowed_ip=192.0.2.0/255.255.255.0", errno.EINVAL),
     ("allowed_ip zone", PEER + "allowed_ip=fe80::%eth0/64", errno.EINVAL),
     ("listen_port in use", "listen_port=4242", errno.EADDRINUSE),
+    # Past int()'s 4300-digit limit, which a 64 KiB line can reach.
+    ("listen_port 5000 digits", "listen_port=" + "9" * 5000, errno.EINVAL),
+    ("fwmark 5000 digits", "fwmark=" + "1" * 5000, errno.EINVAL),
+    ("keepalive 5000 digits", PEER + "persistent_keepalive_interval=" + "7" * 5000, errno.EINVAL),
+    ("endpoint port 5000 digits", PEER + "endpoint=192.0.2.1:" + "5" * 5000, errno.EINVAL),
+    ("allowed_ip length 5000 digits", PEER + "allowed_ip=192.0.2.0/" + "2" * 5000, errno.EINVAL),
+    ("listen_port non-ascii digit", "listen_port=\u0663", errno.EINVAL),
 ]
 
 
@@ -330,14 +341,37 @@ def test_set_errors(lines, code):
     assert uapi.apply_set(dev, lines.split("\n")) == code
 
 
-def test_set_error_keeps_earlier_lines_and_skips_later():
-    # wireguard-go applies lines as they arrive and stops at the first bad one.
+@pytest.mark.parametrize("bad_line", [
+    "endpoint=nonsense", "allowed_ips=192.0.2.0/24", "no equals sign", "public_key=00",
+    "preshared_key=" + "zz" * 32,
+])
+def test_set_bad_line_applies_nothing(bad_line):
+    # wireguard-go would leave the lines before the bad one applied; we
+    # check the whole request first, so a typo never half-configures.
+    dev = configured_device()
+    before = uapi.format_get(dev)
+    lines = ["listen_port=1000", "replace_peers=true", f"public_key={PK3.hex()}",
+             "allowed_ip=192.0.2.0/24", bad_line, "allowed_ip=198.51.100.0/24"]
+    assert uapi.apply_set(dev, lines) in (errno.EINVAL, errno.EPROTO)
+    assert uapi.format_get(dev) == before
+    assert PK3 not in dev.created
+
+
+def test_set_device_refusal_keeps_earlier_lines():
+    # Only the device itself can refuse a well-formed line (a port in use);
+    # then, as in wireguard-go, the lines before it stay applied.
     dev = FakeDevice()
-    lines = ["listen_port=1000", f"public_key={PK1.hex()}", "allowed_ip=192.0.2.0/24",
-             "endpoint=nonsense", "allowed_ip=198.51.100.0/24", f"public_key={PK2.hex()}"]
-    assert uapi.apply_set(dev, lines) == errno.EINVAL
-    assert dev.listen_port == 1000
-    assert list(dev.peers) == [PK1] and dev.allowed[PK1] == [net("192.0.2.0/24")]
+    dev.busy_ports.add(4242)
+    assert uapi.apply_set(dev, ["fwmark=5", "listen_port=4242", "fwmark=6"]) == errno.EADDRINUSE
+    assert (dev.fwmark, dev.listen_port) == (5, 0)
+
+
+def test_set_drops_one_trailing_cr_like_bufio_scanlines():
+    dev = FakeDevice()
+    assert uapi.apply_set(dev, ["listen_port=7\r\n", f"public_key={PK1.hex()}\r", "\r",
+                                "fwmark=1"]) == 0
+    assert dev.listen_port == 7 and list(dev.peers) == [PK1] and dev.fwmark == 0
+    assert uapi.apply_set(dev, ["listen_port=8\r\r"]) == errno.EINVAL
 
 
 def test_set_bad_value_does_not_create_new_peer():
@@ -462,8 +496,8 @@ def test_server_request_split_into_bytes(served):
 
 @pytest.mark.parametrize("garbage", [
     b"hello\n",                                   # unknown operation
-    b"set=1\n" + b"a" * (uapi.MAX_LINE + 10),    # endless line
-    b"set=1\nlisten_port=9",                      # client leaves mid-request
+    b"a" * (uapi.MAX_LINE + 10),                  # endless operation line
+    b"get=1\nlisten_port=9",                      # client leaves mid-request
     b"\xff\xfe\x00\n\n",
 ])
 def test_server_survives_bad_clients(served, garbage):
@@ -472,12 +506,118 @@ def test_server_survives_bad_clients(served, garbage):
         s.settimeout(5)
         s.connect(server.path)
         s.sendall(garbage)
-        if garbage.startswith(b"set=1\nlisten"):
+        if garbage.startswith(b"get=1"):
             s.shutdown(socket.SHUT_WR)
         assert closed_by_server(s)
-    with lock:
-        assert dev.listen_port == 0, "an incomplete request must not be applied"
     assert request(server.path, b"get=1\n\n") == ["errno=0\n\n"]
+
+
+def send_to_close(path: str, payload: bytes, timeout: float = 5.0) -> bytes:
+    """Sends payload, shuts down our sending side (end of input for the
+    server) and returns everything the server sends until it closes."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        try:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass                 # the server may stop reading before the end
+        data = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+
+EINVAL_ANSWER = f"errno=-{errno.EINVAL}\n\n".encode()
+EIO_ANSWER = f"errno=-{errno.EIO}\n\n".encode()
+
+
+@pytest.mark.parametrize("payload,answer,applied", [
+    (b"set=1\nlisten_port=9\nfwmark=3\n", b"errno=0\n\n", True),     # no blank line
+    (b"set=1\nlisten_port=9\nfwmark=3", b"errno=0\n\n", True),        # nor a last newline
+    (b"set=1\nlisten_port=9\nfwmark=x", EINVAL_ANSWER, False),         # checked as usual
+    (b"set=1\n", b"errno=0\n\n", False),                               # an empty set
+    (b"set=1", b"", False),                                             # no operation line yet
+])
+def test_server_set_ended_by_end_of_input(served, payload, answer, applied):
+    # wireguard-go's bufio.Scanner stops at EOF and applies what it read.
+    server, dev, lock = served
+    assert send_to_close(server.path, payload) == answer
+    with lock:
+        assert (dev.listen_port, dev.fwmark) == ((9, 3) if applied else (0, 0))
+    assert request(server.path, b"get=1\n\n")[0].endswith("errno=0\n\n")
+
+
+@pytest.mark.parametrize("payload,answer", [
+    (b"get=1\n", b""),          # wireguard-go drops a get without its blank line
+    (b"get=1", b""),
+    (b"get=1\n\n", b"errno=0\n\n"),
+])
+def test_server_get_must_be_complete(served, payload, answer):
+    server, _, _ = served
+    assert send_to_close(server.path, payload) == answer
+
+
+def test_server_5000_byte_lines_are_lines(served):
+    # Leading zeros are fine for strconv.ParseUint, so the first is valid.
+    server, _, _ = served
+    valid = b"listen_port=" + b"0" * 5000 + b"9"
+    too_big = b"fwmark=" + b"1" * 5000
+    payload = b"set=1\n" + valid + b"\n\nset=1\n" + too_big + b"\n\nget=1\n\n"
+    assert request(server.path, payload, answers=3) == [
+        "errno=0\n\n", EINVAL_ANSWER.decode(), "listen_port=9\nerrno=0\n\n"]
+
+
+def test_server_line_limit_is_bufio_scanners(served):
+    # bufio.Scanner's 64 KiB buffer holds a 65535-byte line and its newline.
+    server, _, _ = served
+    longest = b"fwmark=" + b"1" * (uapi.MAX_LINE - len(b"fwmark="))
+    assert uapi.MAX_LINE == 65535 and len(longest) == uapi.MAX_LINE
+    payload = b"set=1\n" + longest + b"\n\nget=1\n\n"
+    assert request(server.path, payload, answers=2) == [EINVAL_ANSWER.decode(), "errno=0\n\n"]
+
+
+@pytest.mark.parametrize("payload", [
+    b"set=1\nlisten_port=9\nfwmark=" + b"1" * uapi.MAX_LINE + b"\nfwmark=3\n\nget=1\n\n",
+    b"set=1\nlisten_port=9\nfwmark=" + b"1" * 200_000,            # never ends
+    b"set=1\nlisten_port=9\n" + b"x" * (uapi.MAX_LINE + 1),        # ends at end of input
+])
+def test_server_line_over_64k_is_eio_and_applies_nothing(served, payload):
+    server, dev, lock = served
+    assert send_to_close(server.path, payload) == EIO_ANSWER
+    with lock:
+        assert (dev.listen_port, dev.fwmark) == (0, 0)
+    assert request(server.path, b"get=1\n\n") == ["errno=0\n\n"]
+
+
+def test_server_logs_no_key_material(served, caplog):
+    server, _, _ = served
+    caplog.set_level("DEBUG", logger="wgebpf.uapi")
+    secret_hex, secret_b64 = PRIV.hex(), b64(PRIV)
+    peer = f"public_key={PK1.hex()}\n"
+    bodies = [
+        secret_b64,                             # a base64 key pasted alone: key=..."
+        secret_hex,                             # no '=' at all
+        f"{secret_hex}=1",                      # the secret as the key
+        f"private_key={secret_b64}",            # base64 where hex belongs
+        f"private_key={secret_hex}0",
+        peer + f"preshared_key={secret_hex[:-1]}",
+        peer + secret_b64,
+        f"private_key={secret_hex}\n{secret_b64}",
+    ]
+    for body in bodies:
+        assert send_to_close(server.path, f"set=1\n{body}\n\n".encode()).startswith(b"errno=-")
+    send_to_close(server.path, f"{secret_b64}\n".encode())        # as the operation
+    send_to_close(server.path, f"set=1\nprivate_key={secret_hex}{'0' * uapi.MAX_LINE}".encode())
+    assert len(caplog.records) >= len(bodies)
+    for secret in (secret_hex, secret_b64, PK1.hex()):
+        assert secret[:16] not in caplog.text
 
 
 def test_server_request_size_bound(served, monkeypatch):
@@ -491,6 +631,7 @@ def test_server_request_size_bound(served, monkeypatch):
             s.sendall(big)
         except (BrokenPipeError, ConnectionResetError):
             pass
+        assert read_answers(s, 1) == [f"errno=-{errno.EIO}\n\n"]
         assert closed_by_server(s)
     with lock:
         assert dev.fwmark == 0

@@ -11,9 +11,24 @@ Keys are lowercase hex. Set lines before the first public_key configure the
 interface (private_key, listen_port, fwmark, replace_peers); each public_key
 selects a peer, and the lines after it configure that peer (remove,
 update_only, preshared_key, endpoint, persistent_keepalive_interval,
-replace_allowed_ips, allowed_ip, protocol_version). Like wireguard-go, each
-line takes effect as it is read and the first bad line stops the operation,
-leaving the lines before it applied.
+replace_allowed_ips, allowed_ip, protocol_version).
+
+A set is all-or-nothing against bad input: every line is parsed and checked
+before the first is applied, so a malformed key, value or line changes
+nothing. (wireguard-go applies each line as it reads it and stops at the
+first bad one, leaving the lines before it applied; no client depends on
+that half-applied state.) A refusal by the device itself while applying,
+such as a listen port in use, still stops the set with the lines before it
+applied, as in wireguard-go.
+
+Framing follows wireguard-go's ipc code: a set ends at a blank line or at
+end of input (a client that shuts down its sending side still gets its set
+applied and answered), and a set line may carry one trailing CR, as
+bufio.Scanner drops it. A get, or one of our extensions, must end with its
+blank line; at end of input it is dropped unanswered. A line may be up to
+MAX_LINE bytes (bufio.Scanner's 64 KiB buffer, newline included); a longer
+one, or a request over MAX_REQUEST_BYTES, is answered errno=-EIO and the
+connection closed, since the rest of the stream can no longer be framed.
 
 errno on the wire is NEGATIVE (errno=-22), as wireguard-go sends it: wg(8)
 reads it with fscanf and negates it before perror(), so a positive number
@@ -28,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -45,10 +61,13 @@ log = logging.getLogger(__name__)
 
 SOCKET_DIR = "/var/run/wireguard"
 
-# Implementation limits (not protocol constants). A line is at most ~100
-# bytes (an allowed_ip or a zoned IPv6 endpoint); 8 MiB holds a set for
-# some 20,000 peers, far more than the 256 TUN queues allow.
-MAX_LINE = 4096
+# Limits. A valid line is at most ~100 bytes (an allowed_ip or a zoned IPv6
+# endpoint), but wireguard-go reads set lines with a bufio.Scanner, whose
+# 64 KiB buffer must hold the line and its newline: lines up to 65535 bytes
+# are lines there, so they are here (an overlong value then gets the errno
+# its content earns). 8 MiB, our own bound, holds a set for some 20,000
+# peers, far more than the 256 TUN queues allow.
+MAX_LINE = 64 * 1024 - 1
 MAX_REQUEST_BYTES = 8 << 20
 IDLE_TIMEOUT = 5.0          # seconds a client may stay silent mid-request
 REQUEST_DEADLINE = 30.0     # seconds for one whole request
@@ -92,11 +111,25 @@ def _parse_key(key: str, value: str) -> bytes:
     return bytes.fromhex(value)
 
 
+def _bounded_uint(text: str, maximum: int) -> int | None:
+    """Like strconv.ParseUint: ASCII digits, leading zeros allowed; None if
+    it is no such number or above maximum."""
+    # int() alone would accept "+5", " 5" and "5_0", and raises ValueError
+    # beyond 4300 digits, which a 64 KiB line easily holds.
+    if not _UINT.fullmatch(text):
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(maximum)):
+        return None
+    number = int(digits)
+    return number if number <= maximum else None
+
+
 def _parse_uint(key: str, value: str, maximum: int) -> int:
-    # int() would accept "+5", " 5" and "5_0"; strconv.ParseUint does not.
-    if not _UINT.fullmatch(value) or int(value) > maximum:
+    number = _bounded_uint(value, maximum)
+    if number is None:
         raise UAPIError(errno.EINVAL, f"{key}: not an integer in 0..{maximum}")
-    return int(value)
+    return number
 
 
 def _parse_true(key: str, value: str) -> None:
@@ -113,7 +146,8 @@ def _parse_endpoint(value: str) -> tuple[str, int]:
     else:
         host, sep, port = value.rpartition(":")
         version = 4
-    if not sep or not _UINT.fullmatch(port) or int(port) > 0xFFFF:
+    port_number = _bounded_uint(port, 0xFFFF)
+    if not sep or port_number is None:
         raise UAPIError(errno.EINVAL, "endpoint: expected ip:port or [ip6]:port")
     try:
         address = ipaddress.ip_address(host)
@@ -127,17 +161,18 @@ def _parse_endpoint(value: str) -> tuple[str, int]:
         raise UAPIError(errno.EINVAL, "endpoint: IPv6 needs [brackets]")
     # str() normalises case and zeros, and keeps an IPv6 zone (%eth0),
     # which link-local endpoints need for sendto().
-    return str(address), int(port)
+    return str(address), port_number
 
 
 def _parse_allowed_ip(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     address, sep, length = value.partition("/")
+    prefix_length = _bounded_uint(length, 128)   # /33 for IPv4 is refused below
     # ip_network() would also take "a.b.c.d" (as /32) and netmask notation.
-    if not sep or not _UINT.fullmatch(length) or "%" in address:
+    if not sep or prefix_length is None or "%" in address:
         raise UAPIError(errno.EINVAL, "allowed_ip: expected address/prefixlen")
     try:
         # strict=False: host bits are masked off, as the kernel does.
-        return ipaddress.ip_network((ipaddress.ip_address(address), int(length)),
+        return ipaddress.ip_network((ipaddress.ip_address(address), prefix_length),
                                     strict=False)
     except ValueError:
         raise UAPIError(errno.EINVAL, "allowed_ip: invalid prefix") from None
@@ -190,7 +225,7 @@ def _format_peer(device: Any, peer: Any) -> list[str]:
 # ------------------------------------------------------------------------- set
 
 class _SetOperation:
-    """One set=1 request, applied line by line.
+    """One set=1 request, applied line by line from already parsed values.
 
     A peer that does not exist yet is created lazily, on its first line
     that changes it (or when its section ends), not on its public_key line
@@ -207,38 +242,33 @@ class _SetOperation:
         self.created = False             # created by this request
         self.ignored = True              # lines for this peer are dropped
 
-    def line(self, key: str, value: str) -> None:
+    def line(self, key: str, value: Any) -> None:
+        """Applies one step of _parse_set(): a known key, a checked value."""
         if key == "public_key":
             self.end_peer()
-            self.select_peer(_parse_key(key, value))
+            self.select_peer(value)
         elif self.in_peer_section:
-            self.peer_line(key, value)
+            _PEER_KEYS[key][1](self, value)
         else:
             self.device_line(key, value)
 
     # -- interface
 
-    def device_line(self, key: str, value: str) -> None:
+    def device_line(self, key: str, value: Any) -> None:
         device = self.device
         if key == "private_key":
-            private_key = _parse_key(key, value)
             # An all-zero key removes the private key (wg set private-key /dev/null).
-            device.set_private_key(None if private_key == _ZERO_KEY else private_key)
+            device.set_private_key(None if value == _ZERO_KEY else value)
             # A peer that is now ourselves goes, as in the kernel and wireguard-go.
             own = self.own_public_key()
             if own is not None and own in device.peers:
                 device.remove_peer(own)
         elif key == "listen_port":
-            port = _parse_uint(key, value, 0xFFFF)
-            _call_socket_op(device.set_listen_port, port, key)
+            _call_socket_op(device.set_listen_port, value, key)
         elif key == "fwmark":
-            mark = _parse_uint(key, value, 0xFFFFFFFF)
-            _call_socket_op(device.set_fwmark, mark, key)
+            _call_socket_op(device.set_fwmark, value, key)
         elif key == "replace_peers":
-            _parse_true(key, value)
             device.remove_all_peers()
-        else:
-            raise UAPIError(errno.EINVAL, f"unknown interface key {key!r}")
 
     # -- peers
 
@@ -274,14 +304,7 @@ class _SetOperation:
         if self.in_peer_section:
             self.target()
 
-    def peer_line(self, key: str, value: str) -> None:
-        handler = _PEER_KEYS.get(key)
-        if handler is None:
-            raise UAPIError(errno.EINVAL, f"unknown peer key {key!r}")
-        handler(self, key, value)
-
-    def update_only(self, key: str, value: str) -> None:
-        _parse_true(key, value)
+    def update_only(self, _: None) -> None:
         if self.ignored:
             return
         if self.created:                 # created by an earlier line of this section
@@ -290,52 +313,76 @@ class _SetOperation:
         elif self.peer is None:
             self.ignored = True
 
-    def remove(self, key: str, value: str) -> None:
-        _parse_true(key, value)
+    def remove(self, _: None) -> None:
         if self.peer is not None and not self.ignored:
             self.device.remove_peer(self.peer.public_key)
         self.ignored = True
 
-    def preshared_key(self, key: str, value: str) -> None:
-        psk = _parse_key(key, value)
+    def preshared_key(self, psk: bytes) -> None:
         if (peer := self.target()) is not None:
             peer.set_preshared_key(psk)
 
-    def endpoint(self, key: str, value: str) -> None:
-        endpoint = _parse_endpoint(value)
+    def endpoint(self, endpoint: tuple[str, int]) -> None:
         if (peer := self.target()) is not None:
             peer.set_endpoint(endpoint)
 
-    def persistent_keepalive_interval(self, key: str, value: str) -> None:
-        seconds = _parse_uint(key, value, 0xFFFF)
+    def persistent_keepalive_interval(self, seconds: int) -> None:
         if (peer := self.target()) is not None:
             peer.set_persistent_keepalive(seconds)
 
-    def replace_allowed_ips(self, key: str, value: str) -> None:
-        _parse_true(key, value)
+    def replace_allowed_ips(self, _: None) -> None:
         if (peer := self.target()) is not None:
             self.device.clear_allowed_ips(peer)
 
-    def allowed_ip(self, key: str, value: str) -> None:
-        network = _parse_allowed_ip(value)
+    def allowed_ip(self, network: Any) -> None:
         if (peer := self.target()) is not None:
             self.device.add_allowed_ip(peer, network)
 
-    def protocol_version(self, key: str, value: str) -> None:
-        if value != "1":
-            raise UAPIError(errno.EINVAL, "protocol_version: only 1 exists")
+    def protocol_version(self, _: None) -> None:
+        pass                             # checked by its parser; nothing to change
 
 
-_PEER_KEYS = {
-    "update_only": _SetOperation.update_only,
-    "remove": _SetOperation.remove,
-    "preshared_key": _SetOperation.preshared_key,
-    "endpoint": _SetOperation.endpoint,
-    "persistent_keepalive_interval": _SetOperation.persistent_keepalive_interval,
-    "replace_allowed_ips": _SetOperation.replace_allowed_ips,
-    "allowed_ip": _SetOperation.allowed_ip,
-    "protocol_version": _SetOperation.protocol_version,
+def _parse_u16(key: str, value: str) -> int:
+    return _parse_uint(key, value, 0xFFFF)
+
+
+def _parse_u32(key: str, value: str) -> int:
+    return _parse_uint(key, value, 0xFFFFFFFF)
+
+
+def _parse_protocol_version(key: str, value: str) -> None:
+    if value != "1":
+        raise UAPIError(errno.EINVAL, f"{key}: only 1 exists")
+
+
+def _parse_endpoint_line(key: str, value: str) -> tuple[str, int]:
+    return _parse_endpoint(value)
+
+
+def _parse_allowed_ip_line(key: str, value: str) -> Any:
+    return _parse_allowed_ip(value)
+
+
+# key -> parser(key, value) for the lines before the first public_key.
+_INTERFACE_PARSERS = {
+    "private_key": _parse_key,
+    "listen_port": _parse_u16,
+    "fwmark": _parse_u32,
+    "replace_peers": _parse_true,
 }
+
+# key -> (parser(key, value), _SetOperation method taking the parsed value).
+_PEER_KEYS = {
+    "update_only": (_parse_true, _SetOperation.update_only),
+    "remove": (_parse_true, _SetOperation.remove),
+    "preshared_key": (_parse_key, _SetOperation.preshared_key),
+    "endpoint": (_parse_endpoint_line, _SetOperation.endpoint),
+    "persistent_keepalive_interval": (_parse_u16, _SetOperation.persistent_keepalive_interval),
+    "replace_allowed_ips": (_parse_true, _SetOperation.replace_allowed_ips),
+    "allowed_ip": (_parse_allowed_ip_line, _SetOperation.allowed_ip),
+    "protocol_version": (_parse_protocol_version, _SetOperation.protocol_version),
+}
+_PEER_PARSERS = {key: parser for key, (parser, _) in _PEER_KEYS.items()}
 
 
 def _call_socket_op(method: Any, number: int, key: str) -> None:
@@ -347,22 +394,63 @@ def _call_socket_op(method: Any, number: int, key: str) -> None:
         raise UAPIError(exc.errno or errno.EADDRINUSE, f"{key}: {exc.strerror or exc}") from None
 
 
+def _strip_line_end(raw: str) -> str:
+    """The line without its newline and one CR before it: bufio.ScanLines,
+    which wireguard-go reads set lines with, drops that CR too."""
+    line = raw[:-1] if raw.endswith("\n") else raw
+    return line[:-1] if line.endswith("\r") else line
+
+
+def _parse_line(line: str, parsers: dict) -> tuple[str, Any]:
+    key, sep, value = line.partition("=")
+    if not sep:
+        raise UAPIError(errno.EPROTO, "no '='")
+    parser = _parse_key if key == "public_key" else parsers.get(key)
+    if parser is None:
+        # The key itself is not echoed: a secret pasted as a line of its
+        # own (base64 ends in '=') would otherwise land in the log.
+        section = "peer" if parsers is _PEER_PARSERS else "interface"
+        raise UAPIError(errno.EINVAL, f"unknown {section} key")
+    return key, parser(key, value)
+
+
+def _parse_set(lines: list[str]) -> list[tuple[int, str, Any]]:
+    """Parses and checks every line of a set before any is applied.
+
+    Returns (line number, key, parsed value) steps up to the first blank
+    line; raises UAPIError, naming the line, for the first bad one.
+    """
+    steps = []
+    parsers = _INTERFACE_PARSERS
+    for number, raw in enumerate(lines, 1):
+        line = _strip_line_end(raw)
+        if line == "":
+            break
+        try:
+            key, value = _parse_line(line, parsers)
+        except UAPIError as exc:
+            raise UAPIError(exc.errno, f"line {number}: {exc}") from None
+        if key == "public_key":
+            parsers = _PEER_PARSERS
+        steps.append((number, key, value))
+    return steps
+
+
 def apply_set(device: Any, lines: list[str]) -> int:
     """Apply the key=value lines of one set=1 request; returns a positive
     errno (0 when every line applied). Caller holds the device lock.
 
-    `lines` excludes "set=1"; a blank line ends the request early.
+    `lines` excludes "set=1"; a blank line ends the request early. A bad
+    line refuses the whole request before anything changes.
     """
+    try:
+        steps = _parse_set(lines)
+    except UAPIError as exc:
+        log.warning("UAPI set refused, nothing applied: %s", exc)
+        return exc.errno
     operation = _SetOperation(device)
-    for number, raw in enumerate(lines, 1):
-        line = raw[:-1] if raw.endswith("\n") else raw
-        if line == "":
-            break
-        key, sep, value = line.partition("=")
-        if not sep:
-            log.warning("UAPI set: line %d has no '='", number)
-            return errno.EPROTO
-        code = _guarded(number, key, lambda: operation.line(key, value))
+    for number, key, value in steps:
+        code = _guarded(number, key, functools.partial(operation.line, key, value))
         if code:
             return code
     # The last peer section may still have to create its peer.
@@ -370,7 +458,10 @@ def apply_set(device: Any, lines: list[str]) -> int:
 
 
 def _guarded(number: int, key: str, action: Any) -> int:
-    """Runs one step of a set; any failure becomes an errno, never a raise."""
+    """Runs one step of a set; any failure becomes an errno, never a raise.
+
+    `key` is always a known key here, never client text, so it may be logged.
+    """
     try:
         action()
     except UAPIError as exc:
@@ -394,6 +485,14 @@ class _ClientGone(Exception):
     """The client closed, went silent, or broke the size bounds."""
 
 
+class _EndOfInput(_ClientGone):
+    """The client shut down its sending side (or closed) at this point."""
+
+
+class _TooLarge(_ClientGone):
+    """A line over MAX_LINE or a request over MAX_REQUEST_BYTES."""
+
+
 class _LineReader:
     """Lines from a stream socket, with per-line and per-request bounds.
 
@@ -413,18 +512,30 @@ class _LineReader:
         self.deadline = time.monotonic() + REQUEST_DEADLINE
 
     def readline(self) -> str:
+        """The next newline-terminated line, without its newline."""
         while not self.lines:
             self._receive()
-        line = self.lines.popleft()
-        self.request_bytes += len(line) + 1
-        if len(line) > MAX_LINE or self.request_bytes > MAX_REQUEST_BYTES:
-            raise _ClientGone("request too large")
+        return self._counted(self.lines.popleft(), len(b"\n"))
+
+    def unterminated(self) -> str:
+        """After _EndOfInput: the bytes after the last newline, as a line."""
+        tail, self.tail = self.tail, b""
+        return self._counted(tail, 0)
+
+    def _counted(self, line: bytes, newline: int) -> str:
+        self.request_bytes += len(line) + newline
+        if len(line) > MAX_LINE:
+            raise _TooLarge("line too long")
+        if self.request_bytes > MAX_REQUEST_BYTES:
+            raise _TooLarge("request too large")
         # latin-1 never fails; a non-ASCII key or value is refused later.
         return line.decode("latin-1")
 
     def _receive(self) -> None:
+        # Checked before reading more, so an endless line costs at most
+        # MAX_LINE plus one chunk of memory.
         if len(self.tail) > MAX_LINE:
-            raise _ClientGone("line too long")
+            raise _TooLarge("line too long")
         if time.monotonic() > self.deadline:
             raise _ClientGone("request deadline passed")
         try:
@@ -432,7 +543,7 @@ class _LineReader:
         except OSError as exc:  # socket.timeout is an OSError
             raise _ClientGone(str(exc)) from None
         if not chunk:
-            raise _ClientGone("closed")
+            raise _EndOfInput("end of input")
         parts = (self.tail + chunk).split(b"\n")
         self.tail = parts.pop()
         self.lines.extend(parts)
@@ -560,11 +671,23 @@ class UAPIServer:
         reader.start_request()
         try:
             operation = reader.readline()
-            if operation not in ("get=1", "set=1") and operation not in self.extensions:
-                if operation:
-                    log.warning("UAPI: unknown operation, closing the connection")
-                return False
-            body = _read_until_blank(reader)
+        except _ClientGone as exc:   # an overlong one is no operation we know either
+            log.debug("UAPI client done: %s", exc)
+            return False
+        if operation not in ("get=1", "set=1") and operation not in self.extensions:
+            if operation:
+                # Not echoed: it may be anything, a pasted key included.
+                log.warning("UAPI: unknown operation, closing the connection")
+            return False
+        try:
+            body = _read_body(reader, operation)
+        except _TooLarge as exc:
+            # Like wireguard-go's "failed to read input" (bufio.ErrTooLong):
+            # EIO, and nothing of the request applied. The stream cannot be
+            # framed any more, so the connection ends after the answer.
+            log.warning("UAPI: %s, request refused", exc)
+            _send_quietly(conn, _errno_answer(errno.EIO))
+            return False
         except _ClientGone as exc:
             log.debug("UAPI client done: %s", exc)
             return False
@@ -574,11 +697,8 @@ class UAPIServer:
             answer = _errno_answer(self._set(body))
         else:
             answer = self._extension(operation, body)
-        try:
-            conn.sendall(answer.encode("latin-1", errors="replace"))
-        except OSError:
-            return False
-        return True
+        # After a set that ended at end of input, the next read ends the loop.
+        return _send_quietly(conn, answer)
 
     def _get(self, body: list[str]) -> str:
         if body:  # get=1 takes no arguments
@@ -607,11 +727,37 @@ class UAPIServer:
         return (text + "\n" if text else "") + _errno_answer(code)
 
 
-def _read_until_blank(reader: _LineReader) -> list[str]:
+def _read_body(reader: _LineReader, operation: str) -> list[str]:
+    """The lines after the operation, up to the blank line that ends it.
+
+    A set may also end at end of input, as wireguard-go's bufio.Scanner
+    stops there and applies what it read, an unterminated last line
+    included. Any other request must be complete: wireguard-go drops a
+    get=1 cut short, so _EndOfInput propagates for those.
+    """
+    is_set = operation == "set=1"
     lines = []
-    while (line := reader.readline()) != "":
+    while True:
+        try:
+            line = reader.readline()
+        except _EndOfInput:
+            if not is_set:
+                raise
+            last = reader.unterminated()
+            return lines + [last] if last else lines
+        # A lone CR ends a set too: bufio.ScanLines makes it a blank line.
+        if (_strip_line_end(line) if is_set else line) == "":
+            return lines
         lines.append(line)
-    return lines
+
+
+def _send_quietly(conn: socket.socket, answer: str) -> bool:
+    """Sends an answer; False when the client has gone."""
+    try:
+        conn.sendall(answer.encode("latin-1", errors="replace"))
+    except OSError:
+        return False
+    return True
 
 
 def _errno_answer(code: int) -> str:
