@@ -6,7 +6,10 @@ reason, eBPF counters, traffic per next hop — as JSON over the UAPI socket
 import base64
 import ipaddress
 import json
+import os
 import socket
+
+from . import resources
 
 
 def _b64(key: bytes) -> str:
@@ -49,7 +52,10 @@ def collect(device, parts=None) -> dict:
         "drops": {**dict(device.drops), **tun_queue_drops(device.name)},
         "handshake_duration_seconds": device.handshake_durations.snapshot(),
         "workers": pool.status() if pool is not None else [],
+        "resources": resource_counts(device, parts),
     }
+    for worker in status["workers"]:
+        worker.update(process_usage(worker.get("pid")))
     add_policy_counters(status, device, getattr(parts, "policy", None),
                         getattr(parts, "nft", None))
     if xdp is not None:
@@ -95,6 +101,63 @@ def _holder(device, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> s
     """The public key of the peer whose AllowedIPs hold a next hop now."""
     peer = device.allowed_ips.lookup(address)
     return _b64(peer.public_key) if peer is not None else None
+
+
+# -- resources: what must return to its starting value when peers come and
+# -- go (tests/test_churn.py, scripts/soak.py look for leaks with these) -------
+
+
+def resource_counts(device, parts=None) -> dict:
+    """Counts of everything that grows with sessions and peers: the
+    control plane's process (fds, RSS), its session-index table, the entries
+    of each eBPF map that is keyed by peer or session, and the TUN queues."""
+    return {
+        "control_plane": {"pid": os.getpid(), **process_usage(os.getpid())},
+        "indices": index_counts(device),
+        "maps": map_entry_counts(parts),
+        "tun_queues": len(parts.tun.fds) if getattr(parts, "tun", None) else None,
+    }
+
+
+def index_counts(device) -> dict:
+    """The control plane's receiver-index table by what holds each index.
+    "orphaned": indices whose peer is no longer configured, which nothing
+    will ever release (a leak by definition)."""
+    counts = {"total": len(device.indices), "handshake": 0, "keypair": 0, "orphaned": 0}
+    live = {id(peer) for peer in device.peers.values()}
+    for peer, holder in device.indices.values():
+        counts["handshake" if holder is peer.handshake else "keypair"] += 1
+        if id(peer) not in live:
+            counts["orphaned"] += 1
+    return counts
+
+
+def map_entry_counts(parts) -> dict:
+    """Entries in the maps keyed by peer prefix or receiver index (the
+    array maps have a fixed size and cannot leak). None for a map whose
+    loader is not running (e.g. --xdp off)."""
+    from .bpfmaps import MAP_PEERS4, MAP_PEERS6, MAP_RXINDEX
+    from .xdp_guard import MAP_INDEX
+    sources = {MAP_PEERS4: getattr(parts, "classifier", None),
+               MAP_PEERS6: getattr(parts, "classifier", None),
+               MAP_RXINDEX: getattr(parts, "reuseport", None),
+               MAP_INDEX: getattr(parts, "xdp", None)}
+    return {name: _entries(loader, name) for name, loader in sources.items()}
+
+
+def _entries(loader, name: str) -> int | None:
+    if loader is None or getattr(loader, "bpf", None) is None:
+        return None
+    # Walks the keys with BPF_MAP_GET_NEXT_KEY: O(entries), a few ms for
+    # thousands, and read-only.
+    return sum(1 for _ in loader.bpf[name.encode()].keys())
+
+
+def process_usage(pid: int | None) -> dict:
+    """{"fds": open file descriptors, "rss_bytes": resident set} of a
+    process, from /proc; {} when it is gone (a worker being restarted)."""
+    usage = resources.process_usage(pid) if pid is not None else None
+    return {"fds": usage.fds, "rss_bytes": usage.rss_bytes} if usage else {}
 
 
 def tun_queue_drops(name: str) -> dict:
