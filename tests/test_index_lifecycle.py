@@ -219,3 +219,25 @@ def test_full_index_map_on_a_timer_does_not_escape_the_scheduler():
         a.device.scheduler.run_due()
         network.pump()
     assert a.device.drops["index_refused"] >= 2
+
+
+def test_removed_peer_and_its_secrets_are_not_kept_alive():
+    """Nothing of the device (indices, timer heap) keeps a removed peer, its
+    handshake or its precomputed static-static DH reachable."""
+    import gc
+    import weakref
+    from wgebpf.crypto import ZERO_KEY
+    clock, network, a, b = crossing_pair()
+    a.device.peers[b.public_key].set_persistent_keepalive(25)
+    cross_handshakes(clock, network, a, b, 3)
+    peer = a.device.peers[b.public_key]
+    handshake = peer.handshake
+    alive = weakref.ref(peer)
+    del peer
+    a.device.remove_peer(b.public_key)
+    assert handshake.precomputed_static_static == ZERO_KEY
+    assert handshake.preshared_key == ZERO_KEY and handshake.local_index == 0
+    del handshake
+    gc.collect()
+    assert alive() is None
+    assert a.device.scheduler._heap == [] and a.device.scheduler.next_deadline() is None

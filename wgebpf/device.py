@@ -210,6 +210,7 @@ class Device:
         self.allowed_ips.remove_by_peer(peer)
         self.dataplane.peer_removed(peer)      # first: a worker pool unmaps its sessions
         self.forget_indices_of(peer)
+        peer.handshake.wipe()
         self.dataplane.allowed_ips_changed()
 
     def remove_all_peers(self) -> None:

@@ -89,6 +89,11 @@ class Handshake:
         self.hash = self.chaining_key = self.ephemeral_private = self.remote_ephemeral = b""
         self.local_index = self.remote_index = 0
 
+    def wipe(self) -> None:
+        """Forget every secret, the static ones too (the peer is removed)."""
+        self.clear()
+        self.precomputed_static_static = self.preshared_key = ZERO_KEY
+
     def _start(self, responder_static: bytes) -> None:
         self.chaining_key = INITIAL_CHAINING_KEY
         self.hash = _mix_hash(INITIAL_HASH, responder_static)

@@ -95,6 +95,15 @@ class Scheduler:
         if self._stale > self.COMPACT_AFTER and 2 * self._stale > len(self._heap):
             self._compact()
 
+    def discard(self, timers) -> None:
+        """Cancel these timers for good and take their entries out of the heap
+        now, so the heap keeps no callback (nor the peer behind it) alive."""
+        gone = set(map(id, timers))
+        for timer in timers:
+            timer.deadline, timer._token = None, 0
+        self._heap = [entry for entry in self._heap if id(entry[2]) not in gone]
+        self._compact()
+
     def _compact(self) -> None:
         self._heap = [entry for entry in self._heap if entry[2]._token == entry[1]]
         heapq.heapify(self._heap)

@@ -74,9 +74,10 @@ class Timers:
                 self.zero_key_material, self.persistent_keepalive)
 
     def stop(self) -> None:
+        """For good (the peer is removed): no heap entry outlives this."""
         self.enabled = False
-        for timer in self._all():
-            timer.cancel()
+        timers = self._all()
+        timers[0].scheduler.discard(timers)
 
     # --- what fires -----------------------------------------------------------
 
