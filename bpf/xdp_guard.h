@@ -30,6 +30,8 @@
 #define WGX_MAP_LOAD		"wgx_load"	/* array[1] of struct wgx_load (shared) */
 #define WGX_MAP_COUNTERS	"wgx_counters"	/* percpu_array[WGX_CNT_MAX] of __u64 */
 #define WGX_PROG		"wgx_guard"	/* the XDP function */
+#define WGX_PROG_MACS		"wgx_macs"	/* its second half, for handshake messages */
+#define WGX_MAP_JUMP		"wgx_jump"	/* prog_array[1]: [0] = WGX_PROG_MACS */
 
 /* The index map mirrors the control plane's whole local index table: every
  * index with a handshake under way or a keypair. A response and a cookie
@@ -55,7 +57,13 @@
  *                 MAC(HASH("mac1----" || our public key), ...): mac1 of
  *                 messages sent to us, with the key block already
  *                 compressed (the loader does that once, not every packet).
- *                 Used when WGX_CFG_MAC1 is set. */
+ *                 Used when WGX_CFG_MAC1 is set.
+ * cookie_until_ns: the control plane's cookie secret is good until this
+ *                 CLOCK_MONOTONIC time (0: no secret yet). While it is,
+ *                 mac2 is checked under load.
+ * cookie_h:       BLAKE2s state after the key block of MAC(secret, ...):
+ *                 the cookie of a source is MAC(secret, ip || port), and
+ *                 mac2 is MAC(cookie, message up to mac2). */
 struct wgx_config {
 	__u16 port;
 	__u16 pad;
@@ -66,6 +74,8 @@ struct wgx_config {
 	__u32 pad2;
 	__u64 load_hold_ns;
 	__u32 mac1_h[8];
+	__u64 cookie_until_ns;
+	__u32 cookie_h[8];
 };
 
 #define WGX_CFG_MAC1		(1U << 0)	/* drop handshake messages whose mac1 is wrong */
@@ -76,12 +86,18 @@ struct wgx_config {
  * then every datagram to the port is ours or dropped by the kernel. */
 #define WGX_CFG_LOCAL_ONLY	(1U << 1)
 
-/* ---- wgx_sources: one token bucket per source prefix ------------------------
+/* ---- wgx_sources: token buckets per source prefix, only under load --------
  * IPv4 by /32, IPv6 by /64 (one host may use its whole /64), as WireGuard's
- * own rate limiter keys them. */
+ * own rate limiter keys them. Two buckets a prefix: one for messages whose
+ * mac2 is right (the sender got our cookie at that address, so it receives
+ * there: a spoofer cannot spend this one), one for the rest (cookie
+ * requests). Not under load, nothing is rate limited, as in the kernel and
+ * wireguard-go: a forged source address never costs a real peer a
+ * handshake. */
 struct wgx_source_key {
 	__u8 family;		/* 4 or 6 */
-	__u8 pad[3];
+	__u8 proven;		/* 1: the bucket of messages with a right mac2 */
+	__u8 pad[2];
 	__u8 addr[8];		/* IPv4: 4 bytes + 4 zero; IPv6: the top 64 bits */
 };
 
@@ -112,22 +128,27 @@ struct wgx_load {
 #define WGX_CNT_OTHER		0	/* pass: not a UDP datagram to the listen port */
 #define WGX_CNT_PASSED		1	/* pass: to the port, looks like WireGuard */
 #define WGX_CNT_FRAGMENT	2	/* pass: a later IP fragment, no UDP header to judge */
-#define WGX_CNT_UNPARSED	3	/* pass: IPv6 extension headers beyond what we walk */
+#define WGX_CNT_UNPARSED	3	/* pass: IPv6 extension headers beyond what we walk, routed on */
 #define WGX_CNT_FORWARDED	4	/* pass: to the port, but routed through this host */
 #define WGX_CNT_SHORT		5	/* drop: to the port, too short to hold a message header */
 #define WGX_CNT_BAD_TYPE	6	/* drop: unknown type or nonzero reserved bytes */
 #define WGX_CNT_BAD_LENGTH	7	/* drop: wrong length for the type, or UDP length != IP's */
 #define WGX_CNT_UNKNOWN_INDEX	8	/* drop: receiver index not in wgx_index */
 #define WGX_CNT_BAD_MAC1	9	/* drop: handshake message with a wrong mac1 */
-#define WGX_CNT_RATE_LIMITED	10	/* drop: the source's bucket is empty */
+#define WGX_CNT_RATE_LIMITED	10	/* drop: under load, the source's bucket is empty */
+#define WGX_CNT_EXT_CHAIN	11	/* drop: IPv6 extension chain longer than we walk, to this host */
 #define WGX_CNT_LAST_PASS	WGX_CNT_FORWARDED	/* verdicts up to here pass */
 /* Events, counted in addition to the verdict: */
 #define WGX_CNT_INITIATIONS	16	/* well-formed initiations seen (any verdict after) */
 #define WGX_CNT_RESPONSES	17	/* well-formed responses to a live index */
 #define WGX_CNT_LOAD_ONSETS	18	/* windows that went over load_threshold */
+#define WGX_CNT_MAC2_VALID	19	/* under load: handshake messages with a right mac2 */
+#define WGX_CNT_MAC2_MISSING	20	/* under load: handshake messages without one */
 #define WGX_CNT_MAX		24
 
-/* IPv6 extension headers walked before giving up (WGX_CNT_UNPARSED). */
+/* IPv6 extension headers walked before giving up. A longer chain hides
+ * the port; to this host it is dropped (EXT_CHAIN: otherwise it would be
+ * a way around every check), routed on it passes (UNPARSED). */
 #define WGX_IPV6_EXT_MAX	6
 
 #endif /* WGEBPF_XDP_GUARD_H */

@@ -35,7 +35,8 @@ import bpflayout
 from wgebpf import bpfmaps, netns, state
 from wgebpf import flood as F
 from wgebpf import xdp_guard as X
-from wgebpf.cookie import mac1_key
+from wgebpf.cookie import CookieChecker, CookieGenerator, MacState, mac1_key
+from wgebpf.scheduler import FakeClock
 from wgebpf.crypto import MAC
 from wgebpf import messages
 
@@ -221,7 +222,9 @@ PARSE_CASES = [
      "bad_type"),
     ("IPv6 later fragment", _ipv6_ext(b"\x09" * 40, [(44, b"\x00\x21" + bytes(4))]), "fragment"),
     (f"IPv6 {X.IPV6_EXT_MAX + 1} extension headers, junk",
-     _ipv6_ext(_udp(b"\x09" * 16), [(60, b"")] * (X.IPV6_EXT_MAX + 1)), "unparsed"),
+     _ipv6_ext(_udp(b"\x09" * 16), [(60, b"")] * (X.IPV6_EXT_MAX + 1)), "ext_chain"),
+    (f"IPv6 {X.IPV6_EXT_MAX + 1} extension headers, TCP",
+     _ipv6_ext(bytes(20), [(60, b"")] * X.IPV6_EXT_MAX + [(6, b"")]), "ext_chain"),
     (f"IPv6 {X.IPV6_EXT_MAX} extension headers, junk",
      _ipv6_ext(_udp(b"\x09" * 16), [(60, b"")] * X.IPV6_EXT_MAX), "bad_type"),
     ("IPv6 ICMPv6", ETH6 + F.ipv6_header(bytes(16), bytes(16), 58, 8) + bytes(8), "other"),
@@ -293,13 +296,33 @@ def _reasons(guard: X.XdpGuard, frames: list[bytes]) -> list[str]:
     return out
 
 
+def load_up(guard: X.XdpGuard) -> None:
+    """Put the guard under load for a minute: any handshake message trips
+    it (threshold 0), here one from a source no test uses."""
+    guard.set_load_threshold(0, hold=60)
+    assert _reasons(guard, [v4(initiation(), src="192.0.2.250")]) == ["passed"]
+    assert guard.under_load()
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("family", [v4, v6], ids=["v4", "v6"])
+def test_no_rate_limit_without_load(fresh, family):
+    """As in the kernel and wireguard-go: a source is rate limited only
+    under load, so someone forging a real peer's address with valid-mac1
+    initiations below the load threshold costs that peer nothing."""
+    assert _reasons(fresh, [family(initiation())] * 20) == ["passed"] * 20
+    assert _reasons(fresh, [family(response())] * 5) == ["passed"] * 5
+    assert not fresh.under_load()
+
+
 @pytest.mark.netns
 @pytest.mark.parametrize("family,same_prefix,other_prefix", [
     (v4, None, "192.0.2.3"),
     (v6, "2001:db8:1::99", "2001:db8:5::2"),          # one /64 is one source
 ], ids=["v4", "v6"])
-def test_handshakes_beyond_the_burst_are_dropped_per_source(fresh, family, same_prefix,
-                                                            other_prefix):
+def test_under_load_handshakes_beyond_the_burst_are_dropped_per_source(fresh, family, same_prefix,
+                                                                       other_prefix):
+    load_up(fresh)
     first = [family(initiation())] * 5
     assert _reasons(fresh, first) == ["passed"] * 3 + ["rate_limited"] * 2
     # responses spend the same bucket
@@ -309,14 +332,17 @@ def test_handshakes_beyond_the_burst_are_dropped_per_source(fresh, family, same_
     assert _reasons(fresh, [family(initiation(), src=other_prefix)]) == ["passed"]
     # data and cookie replies are not rate limited
     assert _reasons(fresh, [family(data()), family(cookie())]) == ["passed", "passed"]
-    # and junk never spends tokens: a spoofed flood cannot lock a peer out
+    # and junk never spends tokens
     fresh.set_rate(1, 1)
     assert _reasons(fresh, [family(initiation(good_mac=False), src=other_prefix)] * 10
                     + [family(initiation(), src=other_prefix)]) == ["bad_mac1"] * 10 + ["passed"]
+    c = fresh.counters()
+    assert c["mac2_missing"] >= 8 and c["mac2_valid"] == 0, c
 
 
 @pytest.mark.netns
 def test_bucket_refills_with_time(fresh):
+    load_up(fresh)
     fresh.set_rate(20, 1)                      # a token every 50 ms
     frame = v4(initiation())
     assert _reasons(fresh, [frame, frame]) == ["passed", "rate_limited"]
@@ -324,6 +350,76 @@ def test_bucket_refills_with_time(fresh):
     assert _reasons(fresh, [frame, frame]) == ["passed", "rate_limited"]
     fresh.set_rate(0, 1)                       # off
     assert _reasons(fresh, [frame] * 5) == ["passed"] * 5
+
+
+# -- mac2: the bucket a spoofer cannot spend -------------------------------------------
+
+SPORT = 40000       # the source port v4() and v6() write
+
+
+def with_mac2(message: bytes, cookie_of: bytes, clock) -> bytes:
+    """`message` with mac1 and mac2 as a peer holding cookie `cookie_of`
+    writes them (cookie.CookieGenerator, the initiator's side)."""
+    gen = CookieGenerator(PUBLIC_KEY, clock)
+    gen.cookie, gen.cookie_birthdate = cookie_of, clock.monotonic()
+    return bytes(gen.add_macs(bytearray(message)))
+
+
+@pytest.fixture
+def cookies(fresh):
+    """The control plane's cookie side (cookie.CookieChecker) wired to the
+    guard as attach does it: each new secret goes to the guard."""
+    clock = FakeClock()
+    checker = CookieChecker(PUBLIC_KEY, clock)
+    checker.on_new_secret = fresh.set_cookie_secret
+    return checker, clock
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("family,src", [(v4, P4), (v6, P6)], ids=["v4", "v6"])
+@pytest.mark.parametrize("kind", [initiation, response], ids=["initiation", "response"])
+def test_a_spoofer_cannot_spend_the_bucket_of_a_right_mac2(fresh, cookies, family, src, kind):
+    checker, clock = cookies
+    cookie_of_src = checker.make_cookie((src, SPORT))       # the secret reaches the guard
+    load_up(fresh)
+    # Someone forging src: right mac1, no cookie. They empty the bucket of
+    # messages without mac2 (burst 3)...
+    assert _reasons(fresh, [family(kind())] * 6) == ["passed"] * 3 + ["rate_limited"] * 3
+    # ...but the real sender, which got its cookie at src, has its own.
+    real = with_mac2(kind(), cookie_of_src, clock)
+    assert checker.validate(real, (src, SPORT), under_load=True) is MacState.VALID_MAC_WITH_COOKIE
+    assert _reasons(fresh, [family(real)]) == ["passed"]
+    c = fresh.counters()
+    assert c["mac2_valid"] == 1 and c["mac2_missing"] == 6, c
+    # A cookie for another port proves nothing about this one.
+    wrong = with_mac2(kind(), checker.make_cookie((src, SPORT + 1)), clock)
+    assert _reasons(fresh, [family(wrong)]) == ["rate_limited"]
+    # The proven bucket is a bucket too (burst 3 in all).
+    assert _reasons(fresh, [family(real)] * 3) == ["passed"] * 2 + ["rate_limited"]
+
+
+@pytest.mark.netns
+def test_mac2_is_not_trusted_after_the_secret_expires(fresh):
+    clock = FakeClock()
+    checker = CookieChecker(PUBLIC_KEY, clock)
+    checker.on_new_secret = lambda secret, lifetime: fresh.set_cookie_secret(secret, 0.2)
+    real = with_mac2(initiation(), checker.make_cookie((P4, SPORT)), clock)
+    load_up(fresh)
+    assert _reasons(fresh, [v4(real)]) == ["passed"]
+    assert fresh.counters()["mac2_valid"] == 1
+    time.sleep(0.3)
+    _reasons(fresh, [v4(real)])
+    c = fresh.counters()
+    assert c["mac2_valid"] == 1 and c["mac2_missing"] == 1, c
+
+
+@pytest.mark.netns
+def test_without_load_mac2_is_not_computed(fresh, cookies):
+    checker, clock = cookies
+    real = with_mac2(initiation(), checker.make_cookie((P4, SPORT)), clock)
+    assert _reasons(fresh, [v4(real)] * 5) == ["passed"] * 5
+    c = fresh.counters()
+    assert c["mac2_valid"] == 0 and c["mac2_missing"] == 0, c
 
 
 @pytest.mark.netns
@@ -352,7 +448,7 @@ def test_xdp_guard_h_and_the_python_mirror_agree(root):
     xdp_guard.py's, as bcc's clang computes them."""
     bpflayout.assert_mirror(X, X.HEADER, "WGX", '#include "xdp_guard.h"\n')
     assert all(0 <= i < X.CNT_MAX for i in X.COUNTER_NAMES)
-    assert set(X.PASS_REASONS + X.DROP_REASONS) == {X.COUNTER_NAMES[i] for i in range(X.CNT_RATE_LIMITED + 1)}
+    assert set(X.PASS_REASONS + X.DROP_REASONS) == {X.COUNTER_NAMES[i] for i in range(X.CNT_EXT_CHAIN + 1)}
 
 
 @pytest.mark.netns
@@ -506,7 +602,7 @@ def test_only_what_passes_reaches_the_socket(guarded):
     wire, g = guarded
     for what, payload, reason in MESSAGE_CASES:
         if what.startswith(("initiation, right", "response to")):
-            continue        # rate limited after the burst: test_rate_limit_on_the_wire
+            continue        # tested in test_rate_limit_on_the_wire
         for src, dst, sink in ((P4, G4, wire.sink4), (P6, G6, wire.sink6)):
             before = g.counters()
             got = wire.judged(_ip(src, dst, payload), sink)
@@ -522,6 +618,9 @@ def test_only_what_passes_reaches_the_socket(guarded):
 @pytest.mark.netns
 def test_rate_limit_on_the_wire(guarded):
     wire, g = guarded
+    g.set_load_threshold(0, hold=60)           # the next handshake message trips it
+    assert len(wire.judged(_ip("192.0.2.250", G4, initiation()), wire.sink4)) == 1
+    assert g.under_load()
     ours = [_ip(P4, G4, initiation()) for _ in range(5)]
     got = [len(wire.judged(p, wire.sink4)) for p in ours]
     assert got == [1, 1, 1, 0, 0]

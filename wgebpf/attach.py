@@ -213,8 +213,9 @@ class Attachment:
 
     def _guard_underlay(self) -> None:
         """XDP on the underlay: junk to the listen port dies in the driver,
-        handshakes are rate-limited per source (xdp_guard.c). The guard
-        mirrors the session indices and feeds the under-load decision."""
+        handshakes are rate-limited per source under load (xdp_guard.c).
+        The guard mirrors the session indices and the cookie secret (for
+        mac2) and feeds the under-load decision."""
         if self.xdp_mode == "off":
             return
         self.xdp = XdpGuard(self.underlay, self.conn.listen_port, mode=self.xdp_mode,
@@ -226,6 +227,7 @@ class Attachment:
                         self.xdp.replaced, self.underlay)
         self.device.index_watchers.append(self.xdp)
         self.device.external_load = self.xdp.under_load
+        self.device.cookie_checker.on_new_secret = self.xdp.set_cookie_secret
         self.device.identity_changed = lambda: self.xdp.set_public_key(self.device.public_key)
         log.info("%s: XDP guard on %s (%s mode)", self.name, self.underlay, self.xdp.mode)
 

@@ -45,6 +45,9 @@ class CookieChecker:
     def __init__(self, public_key: bytes | None, clock, rate_allow=lambda src: True):
         self.clock = clock
         self.rate_allow = rate_allow
+        # Told each new secret and how long it lives (the XDP guard checks
+        # mac2 with it): on_new_secret(secret, seconds).
+        self.on_new_secret = lambda secret, lifetime: None
         self._secret = b""
         self._secret_birthdate = -1e18
         self.set_public_key(public_key)
@@ -58,6 +61,7 @@ class CookieChecker:
         if now - self._secret_birthdate >= COOKIE_SECRET_MAX_AGE:
             self._secret = os.urandom(32)
             self._secret_birthdate = now
+            self.on_new_secret(self._secret, COOKIE_SECRET_MAX_AGE)
         return self._secret
 
     def make_cookie(self, source: tuple) -> bytes:

@@ -2,8 +2,10 @@
 
 The program drops what cannot be WireGuard for us before the kernel builds
 a socket buffer for it: datagrams to the listen port with an unknown type,
-the wrong length, a receiver index that is not ours, a wrong mac1, or from
-a source whose handshake bucket is empty. Everything else passes untouched.
+the wrong length, a receiver index that is not ours, a wrong mac1, or,
+only while under load, from a source whose handshake bucket is empty (a
+message with a right mac2 has a bucket of its own, which someone forging
+the source address cannot spend). Everything else passes untouched.
 See the C file's opening comment for every check and return value.
 
 The control plane keeps three things current here:
@@ -13,6 +15,7 @@ The control plane keeps three things current here:
                              drops responses, cookie replies and data that
                              name any other index)
   set_public_key(pub)        our public key, for the mac1 check
+  set_cookie_secret(s, t)    the cookie secret, for the mac2 check under load
 and reads two: counters() (per reason, all CPUs) and under_load() (more
 than load_threshold handshake messages in a second, held for load_hold
 seconds: demand cookies).
@@ -69,6 +72,8 @@ MAP_SOURCES = "wgx_sources"
 MAP_LOAD = "wgx_load"
 MAP_COUNTERS = "wgx_counters"
 PROG = "wgx_guard"
+PROG_MACS = "wgx_macs"
+MAP_JUMP = "wgx_jump"
 
 INDEX_MAX = 65536
 SOURCES_MAX = 16384
@@ -87,10 +92,13 @@ CNT_BAD_LENGTH = 7
 CNT_UNKNOWN_INDEX = 8
 CNT_BAD_MAC1 = 9
 CNT_RATE_LIMITED = 10
+CNT_EXT_CHAIN = 11
 CNT_LAST_PASS = CNT_FORWARDED
 CNT_INITIATIONS = 16
 CNT_RESPONSES = 17
 CNT_LOAD_ONSETS = 18
+CNT_MAC2_VALID = 19
+CNT_MAC2_MISSING = 20
 CNT_MAX = 24
 
 IPV6_EXT_MAX = 6
@@ -105,12 +113,15 @@ class Config(ctypes.Structure):
                 ("load_threshold", ctypes.c_uint32),
                 ("pad2", ctypes.c_uint32),
                 ("load_hold_ns", ctypes.c_uint64),
-                ("mac1_h", ctypes.c_uint32 * 8)]
+                ("mac1_h", ctypes.c_uint32 * 8),
+                ("cookie_until_ns", ctypes.c_uint64),   # CLOCK_MONOTONIC; 0 = no secret
+                ("cookie_h", ctypes.c_uint32 * 8)]
 
 
 class SourceKey(ctypes.Structure):
     _fields_ = [("family", ctypes.c_uint8),         # 4 or 6
-                ("pad", ctypes.c_uint8 * 3),
+                ("proven", ctypes.c_uint8),         # 1: the bucket of right-mac2 messages
+                ("pad", ctypes.c_uint8 * 2),
                 ("addr", ctypes.c_uint8 * 8)]       # IPv4 + 4 zero, or the IPv6 /64
 
 
@@ -146,12 +157,16 @@ COUNTER_NAMES: dict[int, str] = {
     CNT_UNKNOWN_INDEX: "unknown_index",
     CNT_BAD_MAC1: "bad_mac1",
     CNT_RATE_LIMITED: "rate_limited",
+    CNT_EXT_CHAIN: "ext_chain",
     CNT_INITIATIONS: "initiations",
     CNT_RESPONSES: "responses",
     CNT_LOAD_ONSETS: "load_onsets",
+    CNT_MAC2_VALID: "mac2_valid",
+    CNT_MAC2_MISSING: "mac2_missing",
 }
 PASS_REASONS = ("other", "passed", "fragment", "unparsed", "forwarded")
-DROP_REASONS = ("short", "bad_type", "bad_length", "unknown_index", "bad_mac1", "rate_limited")
+DROP_REASONS = ("short", "bad_type", "bad_length", "unknown_index", "bad_mac1", "rate_limited",
+                "ext_chain")
 
 # ---- XDP attach flags (<linux/if_link.h>) ---------------------------------
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
@@ -225,13 +240,16 @@ def blake2s_compress(h: list[int], block: bytes, t: int, last: bool) -> list[int
     return [h[i] ^ v[i] ^ v[i + 8] for i in range(8)]
 
 
-def mac1_state(public_key: bytes) -> list[int]:
-    """wgx_config.mac1_h for our public key: BLAKE2s-128 keyed with
-    HASH("mac1----" || public_key), after compressing the key block."""
-    key = mac1_key(public_key)
+def keyed_state(key: bytes) -> list[int]:
+    """BLAKE2s-128 keyed with `key`, after compressing the key block."""
     h = list(_IV)
     h[0] ^= 0x01010000 ^ (len(key) << 8) ^ MAC_LEN
     return blake2s_compress(h, key.ljust(64, b"\0"), 64, False)
+
+
+def mac1_state(public_key: bytes) -> list[int]:
+    """wgx_config.mac1_h for our public key: keyed with HASH("mac1----" || public_key)."""
+    return keyed_state(mac1_key(public_key))
 
 
 # ---- the loader ---------------------------------------------------------------
@@ -262,6 +280,10 @@ class XdpGuard:
         self.bpf = bpfmaps.compile_programs(SOURCE)
         try:
             self._prog = self.bpf.load_func(PROG.encode(), self.bpf.XDP)
+            # The MAC rounds run in a program of their own (tail call):
+            # the jump table is filled before the guard is attached.
+            self._macs = self.bpf.load_func(PROG_MACS.encode(), self.bpf.XDP)
+            self.bpf[MAP_JUMP.encode()][ctypes.c_int(0)] = ctypes.c_int(self._macs.fd)
             self._index = self.bpf[MAP_INDEX.encode()]
             self._counters = self.bpf[MAP_COUNTERS.encode()]
             self._load = self.bpf[MAP_LOAD.encode()]
@@ -384,6 +406,15 @@ class XdpGuard:
                 raise ValueError("a public key is 32 bytes")
             self._config.mac1_h[:] = mac1_state(public_key)
             self._config.flags |= CFG_MAC1
+        self._write_config()
+
+    def set_cookie_secret(self, secret: bytes, lifetime: float) -> None:
+        """Check mac2 under load with the control plane's cookie secret
+        (cookie.CookieChecker) for the next `lifetime` seconds."""
+        if len(secret) != 32 or not 0 < lifetime < 1e6:
+            raise ValueError("a cookie secret is 32 bytes, with a lifetime in seconds")
+        self._config.cookie_h[:] = keyed_state(secret)
+        self._config.cookie_until_ns = time.monotonic_ns() + int(lifetime * 1e9)
         self._write_config()
 
     def set_local_only(self, on: bool) -> None:
