@@ -512,6 +512,48 @@ def test_handshake_floods_leave_real_handshakes_working(hosts_factory, cpus):
     assert fr.control_plane < 0.6 * fr.window, (fr.control_plane, fr.window)
 
 
+# -- 3. a spoofer of a real peer's address ------------------------------------------------
+
+SPOOF_RATE = 40             # valid-mac1 initiations a second: twice the per-source rate limit
+SPOOF_ROUNDS = 6            # B's handshakes from scratch while the spoofer sends
+SPOOF_GAP = 2.0             # seconds between them
+
+
+def test_a_spoofer_of_a_peers_address_cannot_lock_it_out(hosts_factory, cpus):
+    """F forges B's address and port and sends initiations with a right
+    mac1 (our public key is in every peer's config) at SPOOF_RATE, below
+    the load threshold. The guard rate limits sources only under load, as
+    the kernel and wireguard-go do, so B's own initiations keep getting
+    through: every handshake from scratch completes at B's first attempt."""
+    hosts = hosts_factory([])
+    a = hosts.wg_a
+    seconds = SPOOF_ROUNDS * SPOOF_GAP + 6
+    before = a.status()
+    spoofer = F.start_flood(hosts.f, A_UL, A_PORT, "initiation-mac1", seconds=seconds,
+                            max_packets=int(SPOOF_RATE * seconds) + 1, source=f"{B_UL}/32",
+                            sport=B_PORT, public_key=base64.b64decode(hosts.a_pub),
+                            rate=SPOOF_RATE)
+    try:
+        time.sleep(2)                           # well under way before B starts over
+        took = []
+        for _ in range(SPOOF_ROUNDS):
+            took.append(rehandshake(hosts))
+            time.sleep(SPOOF_GAP)
+        sent = spoofer.wait(timeout=seconds + 30).sent
+    finally:
+        spoofer.stop()
+    after = a.status()
+    x, drops = delta(before["xdp"], after["xdp"]), delta(before["drops"], after["drops"])
+    print(f"\nspoofing B ({B_UL}:{B_PORT}) at {SPOOF_RATE}/s, {sent} sent: B's handshakes took "
+          f"{', '.join(f'{t:.2f}' for t in took)} s; XDP {x}; A's drops {drops}")
+    assert all(t < REKEY_TIMEOUT for t in took), took      # never a retry
+    # The forgeries were real work for A: they passed the guard (right mac1)
+    # and A's control plane spent a DH on each before finding them bogus.
+    assert sent >= 0.9 * SPOOF_RATE * seconds, sent
+    assert x.get("rate_limited", 0) == 0 and "load_onsets" not in x, x
+    assert drops.get("handshake_failed", 0) >= 0.8 * sent, drops
+
+
 # -- 5. crash cleanup and foreign XDP programs ----------------------------------------------
 
 

@@ -48,6 +48,7 @@ from .icmp import checksum
 
 KINDS = ("random", "badlength", "data", "junk", "initiation", "initiation-mac1")
 MAX_SECONDS = 10.0
+MAX_PACED_SECONDS = 120.0       # a paced flood (rate=) is bounded by rate * seconds
 MAX_PACKETS = 100_000_000
 POOL_SIZE = 1024
 BATCH = 64
@@ -154,9 +155,10 @@ def check_address(addr: str | ipaddress.IPv4Network | ipaddress.IPv6Network) -> 
 
 def build_pool(kind: str, target: str, port: int, *, source: str | None = None,
                public_key: bytes | None = None, seed: int | None = None,
-               size: int = POOL_SIZE) -> list[bytes]:
+               size: int = POOL_SIZE, sport: int | None = None) -> list[bytes]:
     """`size` IP packets of `kind` to target:port. Sources cycle through the
-    hosts of network `source`, or are the address the route to target uses."""
+    hosts of network `source`, or are the address the route to target uses;
+    source ports are random unless `sport` is given."""
     check_address(target)
     rng = random.Random(seed)
     if source is None:
@@ -164,7 +166,8 @@ def build_pool(kind: str, target: str, port: int, *, source: str | None = None,
     else:
         check_address(source)
         sources = _sources(ipaddress.ip_network(source, strict=False), size)
-    return [udp_packet(sources[i % len(sources)], target, rng.randrange(1024, 65536), port,
+    return [udp_packet(sources[i % len(sources)], target,
+                       sport if sport is not None else rng.randrange(1024, 65536), port,
                        payload(kind, rng, public_key), ident=i & 0xFFFF)
             for i in range(size)]
 
@@ -217,9 +220,12 @@ def _sockaddr(target: str) -> bytes:
 
 
 def send_pool(target: str, pool: Sequence[bytes], seconds: float,
-              max_packets: int) -> FloodResult:
-    """Send the pool round and round until `seconds` or `max_packets`."""
-    seconds, max_packets = _bounded(seconds, max_packets)
+              max_packets: int, rate: float | None = None) -> FloodResult:
+    """Send the pool round and round until `seconds` or `max_packets`;
+    as fast as the kernel takes them, or `rate` a second."""
+    seconds, max_packets = _bounded(seconds, max_packets, rate)
+    if rate is not None:
+        return _send_paced(target, pool, seconds, max_packets, rate)
     family = socket.AF_INET6 if ":" in target else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
@@ -253,9 +259,29 @@ def send_pool(target: str, pool: Sequence[bytes], seconds: float,
     return FloodResult(sent, time.monotonic() - start, "")
 
 
-def _bounded(seconds: float, max_packets: int) -> tuple[float, int]:
-    if not 0 < seconds <= MAX_SECONDS:
-        raise ValueError(f"seconds must be in (0, {MAX_SECONDS:g}]")
+def _send_paced(target: str, pool: Sequence[bytes], seconds: float, max_packets: int,
+                rate: float) -> FloodResult:
+    """One packet every 1/rate s (sendto on a raw socket), on a fixed
+    schedule so that a late wake-up does not lower the rate."""
+    family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    sent, start = 0, time.monotonic()
+    with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
+        while sent < max_packets:
+            due = start + sent / rate
+            if due >= start + seconds:
+                break
+            time.sleep(max(0.0, due - time.monotonic()))
+            sock.sendto(pool[sent % len(pool)], (target, 0))
+            sent += 1
+    return FloodResult(sent, time.monotonic() - start, "")
+
+
+def _bounded(seconds: float, max_packets: int, rate: float | None = None) -> tuple[float, int]:
+    limit = MAX_SECONDS if rate is None else MAX_PACED_SECONDS
+    if rate is not None and not 0 < rate <= 10_000:
+        raise ValueError("a paced rate must be in (0, 10000] packets a second")
+    if not 0 < seconds <= limit:
+        raise ValueError(f"seconds must be in (0, {limit:g}]")
     if not 0 < max_packets <= MAX_PACKETS:
         raise ValueError(f"max_packets must be in (0, {MAX_PACKETS}]")
     return seconds, max_packets
@@ -286,10 +312,11 @@ class Flood:
 def start_flood(ns, target: str, port: int, kind: str, seconds: float = MAX_SECONDS,
                 max_packets: int = 10_000_000, *, source: str | None = None,
                 public_key: bytes | None = None, seed: int | None = None,
-                cpu: int | None = None) -> Flood:
+                cpu: int | None = None, rate: float | None = None,
+                sport: int | None = None) -> Flood:
     """Start a flood from namespace `ns` (Namespace, name, or None for this
     one); arguments as flood()."""
-    _bounded(seconds, max_packets)
+    _bounded(seconds, max_packets, rate)
     if kind not in KINDS:
         raise ValueError(f"unknown flood kind {kind!r}; one of {', '.join(KINDS)}")
     check_address(target)
@@ -305,6 +332,10 @@ def start_flood(ns, target: str, port: int, kind: str, seconds: float = MAX_SECO
         argv += ["--seed", str(seed)]
     if cpu is not None:
         argv += ["--cpu", str(cpu)]
+    if rate is not None:
+        argv += ["--rate", str(rate)]
+    if sport is not None:
+        argv += ["--sport", str(sport)]
     name = getattr(ns, "name", ns)
     if name:
         argv = ["ip", "netns", "exec", name, *argv]
@@ -319,7 +350,8 @@ def flood(ns, target: str, port: int, kind: str, seconds: float = MAX_SECONDS,
           max_packets: int = 10_000_000, **kwargs) -> int:
     """Flood target:port from namespace `ns`; the number of packets sent.
     kwargs: source (network to spoof from), public_key (initiation-mac1),
-    seed, cpu (pin the sender to one CPU)."""
+    seed, cpu (pin the sender to one CPU), rate (packets a second instead
+    of as fast as possible), sport (one source port)."""
     return start_flood(ns, target, port, kind, seconds, max_packets, **kwargs).wait().sent
 
 
@@ -334,12 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--public-key", help="base64; for initiation-mac1")
     p.add_argument("--seed", type=int)
     p.add_argument("--cpu", type=int, help="pin to this CPU")
+    p.add_argument("--rate", type=float, help="packets a second (default: as fast as possible)")
+    p.add_argument("--sport", type=int, help="source port (default: random per packet)")
     a = p.parse_args(argv)
     if a.cpu is not None:
         os.sched_setaffinity(0, {a.cpu})
     key = base64.b64decode(a.public_key) if a.public_key else None
-    pool = build_pool(a.kind, a.target, a.port, source=a.source, public_key=key, seed=a.seed)
-    result = send_pool(a.target, pool, a.seconds, a.max_packets)
+    pool = build_pool(a.kind, a.target, a.port, source=a.source, public_key=key, seed=a.seed,
+                      sport=a.sport)
+    result = send_pool(a.target, pool, a.seconds, a.max_packets, a.rate)
     print(json.dumps({"sent": result.sent, "seconds": result.seconds}))
     return 0
 
