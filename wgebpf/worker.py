@@ -199,7 +199,10 @@ class Worker:
         self.device.indices[keypair.local_index] = (peer, keypair)
 
     def on_peer_remove(self, slot, export=False, fds=()):
-        peer = self.by_slot.pop(slot)
+        peer = self.by_slot.pop(slot, None)
+        if peer is None:
+            log.warning("peer_remove for slot %d, which this worker does not have", slot)
+            return
         state = [(kp.export(), role) for role in ("previous", "current", "next")
                  if (kp := getattr(peer.keypairs, role)) is not None] if export else None
         fd = self.tun.fds.pop(slot)

@@ -219,6 +219,9 @@ class WorkerPool:
         slot = peer.queue
         worker = self.worker_of.pop(slot, None)
         self.peer_by_slot.pop(slot, None)
+        # Being moved: the old worker has already let it go (rebalance) and
+        # its state, when it comes, finds no peer and is dropped.
+        moving = self.pending_moves.pop(slot, None) is not None
         if self.classifier is not None:
             self.classifier.remove_peer(slot)
         if self.policy is not None:
@@ -227,7 +230,7 @@ class WorkerPool:
             self.nft.remove_peer(slot)
         if worker is not None:
             worker.slots.discard(slot)
-            if worker.control is not None:
+            if worker.control is not None and not moving:
                 self._send(worker, ("peer_remove", slot, False))
         self._forget_sessions(peer)
         self.rebalance()
