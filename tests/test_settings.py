@@ -54,3 +54,37 @@ def test_nftables_refused_while_peer_mark_and_fwmark_share_bits():
     with pytest.raises(OSError):               # and wg set fwmark cannot clash later
         a.device.set_fwmark(0x02000000)
     assert a.device.fwmark == 0x1
+
+
+# ---------------------------------------------------------------- parse_args (the CLI words)
+
+from wgebpf import keys  # noqa: E402
+
+SET_KEY = keys.encode(keys.generate_private_key())
+
+
+def test_parse_args_builds_uapi_lines():
+    pub = keys.public_key(bytes(range(32)))
+    assert settings.parse_args(["source-policy", "fib"]) == ["source_policy=fib"]
+    assert settings.parse_args(["peer", keys.encode(pub), "source-policy", "default"]) == \
+        [f"public_key={pub.hex()}", "source_policy=default"]
+
+
+@pytest.mark.parametrize("words, says", [
+    ([], "nothing to set"),
+    (["source-policy"], "needs a value"),
+    (["mtu", "1280"], "unknown setting 'mtu'"),
+    (["source-policy", "sideways"], "must be one of"),
+    (["source-policy", "default"], "must be one of"),        # default needs a peer
+    (["source-policy", "fib\npublic_key=" + "00" * 32], "must be one of"),
+    (["peer", "hunter2"], "peer:"),
+    (["peer", SET_KEY[:-1] + "A"], "peer:"),
+    ([SET_KEY, "off"], "unknown setting"),
+    ([SET_KEY[:12], "off"], "unknown setting"),
+])
+def test_parse_args_refuses_without_echoing_keys(words, says):
+    with pytest.raises(settings.SettingError) as err:
+        settings.parse_args(words)
+    assert err.value.errno == errno.EINVAL and says in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not any(SET_KEY[i:i + 8] in str(err.value) for i in range(len(SET_KEY) - 7))

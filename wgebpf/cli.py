@@ -1,12 +1,19 @@
-"""The `wgebpf` command line."""
+"""The `wgebpf` command line.
+
+Every bad argument ends in one line on stderr and exit code 2, before
+anything is created; failures at run time exit 1. Never a traceback.
+"""
 
 import logging
+import math
 import os
+import re
 import sys
 
 import typer
 
 from . import keys
+from .config import redact_keys
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
@@ -15,9 +22,32 @@ app = typer.Typer(
 )
 
 
+def one_line(text: str) -> str:
+    """`text` with line breaks and other unprintable characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def fail(message: str, code: int = 1) -> None:
-    typer.echo(f"wgebpf: {message}", err=True)
+    typer.echo(f"wgebpf: {one_line(message)}", err=True)
     raise typer.Exit(code)
+
+
+# Linux's dev_valid_name(): what the kernel refuses, and the name becomes a
+# file name under /run, so '/' and '..' must never pass.
+IFNAMSIZ = 16
+
+
+def check_ifname(name: str, what: str = "interface name") -> None:
+    """Exit 2 unless `name` is a name the kernel would accept for a link."""
+    problem = None
+    if not name or len(name.encode(errors="surrogateescape")) >= IFNAMSIZ:
+        problem = f"must be 1 to {IFNAMSIZ - 1} bytes"
+    elif name in (".", ".."):
+        problem = "cannot be '.' or '..'"
+    elif any(c in "/:\0" or c.isspace() for c in name):
+        problem = "cannot contain '/', ':', NUL or white space"
+    if problem:
+        fail(f"{what} {redact_keys(name[:40])!r}: {problem}", 2)
 
 
 @app.command()
@@ -42,25 +72,33 @@ def attach(
 
     Example: wgebpf attach eth0 --config wg0.conf --name wg0 --metrics 127.0.0.1:9586
     """
-    from .attach import AttachError, attach as run_attach
-    from .config import ConfigError, load
+    from .attach import AttachError, attach as run_attach, check_underlay
+    from .config import ConfigError, load, parse_metrics
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="wgebpf[%(process)d]: %(message)s", stream=sys.stderr)
+    # Every argument is checked before anything is created.
+    check_ifname(underlay, "underlay")
+    check_ifname(name, "--name")
+    if xdp not in ("auto", "native", "generic", "off"):
+        fail(f"--xdp: {redact_keys(xdp[:40])!r} is not one of auto, native, generic, off", 2)
+    if metrics is not None:
+        try:
+            metrics = parse_metrics(metrics)
+        except ValueError as exc:
+            fail(f"--metrics: {exc}", 2)
     try:
         cfg = load(config)
     except ConfigError as exc:
         fail(str(exc), 2)
     if metrics is not None:
-        from .config import _metrics as check_metrics
-        try:
-            cfg.interface.metrics = check_metrics(metrics)
-        except ValueError as exc:
-            fail(f"--metrics: {exc}", 2)
+        cfg.interface.metrics = metrics
     if metrics_compat:
         cfg.interface.metrics_compat = True
-    if xdp not in ("auto", "native", "generic", "off"):
-        fail(f"--xdp: {xdp!r} is not one of auto, native, generic, off", 2)
+    try:
+        check_underlay(underlay)
+    except AttachError as exc:
+        fail(str(exc), 2)
     if os.geteuid() != 0:
         fail("attach needs root (CAP_NET_ADMIN)")
     try:
@@ -78,6 +116,7 @@ def detach(name: str = typer.Argument(..., help="interface name")):
     Example: wgebpf detach wg0
     """
     from .state import detach as run_detach
+    check_ifname(name)
     try:
         for line in run_detach(name):
             typer.echo(line)
@@ -92,6 +131,8 @@ def show(name: str = typer.Argument(None, help="interface name (default: all)"))
     Example: wgebpf show wg0
     """
     from .show import ShowError, interfaces, query, render, status
+    if name is not None:
+        check_ifname(name)
     names = [name] if name else interfaces()
     shown, failed = [], False
     for each in names:
@@ -121,22 +162,13 @@ def set_command(
     Examples: wgebpf set wg0 source-policy fib;
     wgebpf set wg0 peer <base64 key> source-policy off  (or: default)
     """
+    from .settings import SettingError, parse_args
     from .show import ShowError, uapi_request
-    lines, words = [], list(args)
-    while words:
-        word = words.pop(0)
-        if not words:
-            fail(f"set: {word!r} needs a value", 2)
-        value = words.pop(0)
-        if word == "peer":
-            try:
-                lines.append(f"public_key={keys.to_hex(keys.decode(value))}")
-            except keys.KeyFormatError as exc:
-                fail(f"set: peer: {exc}", 2)
-        elif word == "source-policy":
-            lines.append(f"source_policy={value}")
-        else:
-            fail(f"set: unknown setting {word!r} (try: source-policy)", 2)
+    check_ifname(name)
+    try:
+        lines = parse_args(args)
+    except SettingError as exc:
+        fail(f"set: {exc}", 2)
     try:
         answer = uapi_request(name, "wgebpf-set=1\n" + "".join(f"{l}\n" for l in lines) + "\n")
     except ShowError as exc:
@@ -156,6 +188,7 @@ def status_command(name: str = typer.Argument(..., help="interface name")):
     """
     import json
     from .show import ShowError, status
+    check_ifname(name)
     try:
         typer.echo(json.dumps(status(name), indent=2, sort_keys=True))
     except ShowError as exc:
@@ -171,10 +204,12 @@ def genkey():
 @app.command()
 def pubkey():
     """Read a private key on stdin, print its public key, like `wg pubkey`."""
+    # Bytes, not text: undecodable input must be an error, not a traceback.
+    text = sys.stdin.buffer.read(4096).decode("ascii", errors="replace").strip()
     try:
-        private = keys.decode(sys.stdin.read().strip())
-    except keys.KeyFormatError as exc:
-        fail(f"pubkey: {exc}", 1)
+        private = keys.decode(text)
+    except keys.KeyFormatError as exc:   # its message never holds the key
+        fail(f"pubkey: {exc}", 2)
     typer.echo(keys.encode(keys.public_key(private)))
 
 
@@ -207,12 +242,48 @@ def bench(
     Example: sudo wgebpf bench --output bench-out --repeats 3 --seconds 5
     """
     from . import bench as bench_module
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_BENCH_SECONDS):
+        fail(f"bench: --seconds must be more than 0 and at most {MAX_BENCH_SECONDS}", 2)
+    check_output_dir(output)
+    # bench checks each count; refuse first what would make its message huge.
+    if not re.fullmatch(r"\s*[0-9]{1,3}\s*(,\s*[0-9]{1,3}\s*)*", workers):
+        fail(f"bench: --workers: expected counts like 1,2 (each 1..256), "
+             f"not {redact_keys(workers[:40])!r}", 2)
     raise typer.Exit(bench_module.main(output_dir=output, repeats=repeats, seconds=seconds,
                                        workers=workers, quick=quick))
 
 
+# One run of one configuration; longer is a typo, not a measurement.
+MAX_BENCH_SECONDS = 3600
+
+
+def check_output_dir(path: str) -> None:
+    """Exit 2 unless `path` is a directory or can become one: bench would
+    otherwise find out only after minutes of measuring."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        fail(f"bench: --output {path[:80]!r}: {existing[:80]!r} is not a directory", 2)
+
+
 def main() -> None:
-    app()
+    if not sys.argv[1:]:
+        app()                       # no arguments: typer prints the help
+        return
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("wgebpf: aborted", err=True)
+        code = 1
+    except typer.TyperException as exc:   # click's usage errors: one line, no box
+        context = getattr(exc, "ctx", None)
+        where = context.command_path if context is not None else "wgebpf"
+        # Click quotes the arguments it refuses: `wgebpf pubkey KEY` is an easy mistake.
+        message = redact_keys(one_line(exc.format_message()))
+        typer.echo(f"{where}: {message[:300]} (see {where} --help)", err=True)
+        code = getattr(exc, "exit_code", 2)
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

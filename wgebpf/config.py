@@ -43,7 +43,7 @@ from typing import Callable
 from wgebpf import keys
 
 __all__ = ["ConfigError", "PeerConfig", "InterfaceConfig", "Config", "parse", "load",
-           "format_config", "parse_endpoint", "parse_metrics", "route_table_id",
+           "format_config", "parse_endpoint", "parse_metrics", "route_table_id", "redact_keys",
            "PEER_SELECTIONS", "SOURCE_POLICIES", "MAX_WORKERS", "PEER_MARK_DEFAULT",
            "peer_mark_error", "peer_mark_conflict"]
 
@@ -153,14 +153,40 @@ class _Invalid(Exception):
 QUOTE_MAX = 60
 
 
-def _quote(value: str) -> str:
-    """`value` for an error message. Never pass a private or preshared key.
+# A run of base64 characters this long, in both cases, is taken for (part
+# of) a key: keys get pasted into the wrong line or argument.
+_KEYLIKE_RE = re.compile(r"[A-Za-z0-9+/]{16,}")
+KEY_HIDDEN = "(key-like text hidden)"
 
-    An error must stay one readable line: control and other unprintable
-    characters are escaped, and a huge value (a 5000-digit port) is cut short.
-    """
+
+def redact_keys(text: str) -> str:
+    """`text` with every run that may be a base64 key replaced by KEY_HIDDEN."""
+    def hide(match: re.Match) -> str:
+        run = match.group(0)
+        mixed = any(c.isupper() for c in run) and any(c.islower() for c in run)
+        return KEY_HIDDEN if mixed else run
+    return _KEYLIKE_RE.sub(hide, text)
+
+
+def _printable(value: str) -> str:
+    """`value` cut to QUOTE_MAX characters, unprintable ones escaped: an
+    error must stay one readable line, even for a 5000-digit port."""
     shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in value[:QUOTE_MAX])
-    return f"'{shown}{'...' if len(value) > QUOTE_MAX else ''}'"
+    return shown + ("..." if len(value) > QUOTE_MAX else "")
+
+
+def _quote(value: str) -> str:
+    """`value` for an error message, anything key-like hidden.
+
+    Never pass a private or preshared key even so: a key with a typo may
+    break into runs too short to look like one.
+    """
+    return f"'{_printable(redact_keys(value))}'"
+
+
+def _quote_public_key(value: str) -> str:
+    """A public key (or what should be one) is not secret: shown in full."""
+    return f"'{_printable(value)}'"
 
 
 # More digits than any range we check; int() refuses over 4300 digits with a
@@ -210,7 +236,7 @@ def _public_key(value: str) -> bytes:
     try:
         return keys.decode(value)
     except keys.KeyFormatError as exc:
-        raise _Invalid(f"bad key {_quote(value)}: {exc}") from None
+        raise _Invalid(f"bad key {_quote_public_key(value)}: {exc}") from None
 
 
 def _listen_port(value: str) -> int | None:
@@ -713,7 +739,7 @@ class _Parser:
         first: dict[bytes, int] = {}
         for section, peer in peers:
             line = self.line_of(section, "public_key")
-            shown = _quote(keys.encode(peer.public_key))
+            shown = _quote_public_key(keys.encode(peer.public_key))
             if peer.public_key == own:
                 self.error(line, "PublicKey", f"{shown} is this interface's own public key")
             elif peer.public_key in first:
