@@ -16,8 +16,7 @@ replace_allowed_ips, allowed_ip, protocol_version).
 A set is all-or-nothing against bad input: every line is parsed and checked
 before the first is applied, so a malformed key, value or line changes
 nothing. (wireguard-go applies each line as it reads it and stops at the
-first bad one, leaving the lines before it applied; no client depends on
-that half-applied state.) A refusal by the device itself while applying,
+first bad one, leaving the lines before it applied.) A refusal by the device itself while applying,
 such as a listen port in use, still stops the set with the lines before it
 applied, as in wireguard-go.
 
