@@ -25,7 +25,7 @@ from wgebpf import netns
 
 # Property-based fuzz tests (tests/test_fuzz_*.py): a bounded budget by
 # default, so CI stays short; a long run with
-#   ./scripts/test.sh tests/ -k fuzz --hypothesis-profile=long --hypothesis-show-statistics
+#   ./scripts/test.sh tests/ -k fuzz --hypothesis-profile=long --hypothesis-show-statistics --timeout=0
 # (the statistics show how many inputs each target tried). Every crash a
 # run finds becomes an explicit @example or regression test.
 settings.register_profile("ci", max_examples=300, deadline=None,
