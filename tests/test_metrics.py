@@ -204,6 +204,7 @@ def test_drop_reasons_cover_the_source():
     counted = set()
     for path in root.glob("*.py"):
         counted |= set(re.findall(r"drops\[\"([a-z_0-9]+)\"\]", path.read_text()))
+        counted |= set(re.findall(r"\bdrop\(\"([a-z_0-9]+)\"", path.read_text()))
         counted |= set(re.findall(r"\(\"([a-z_0-9]+)\", self\.(?:conn|tun), ", path.read_text()))
     counted |= {"queue_full"}             # status.tun_queue_drops
     assert counted, "the pattern found nothing: did the code change shape?"

@@ -88,6 +88,8 @@ DROP_REASONS: dict[str, str] = {
     "replay": "a data message whose counter was already seen or is too old",
     "auth_failed": "a data message that failed authentication (AEAD tag)",
     "malformed_inner": "a decrypted packet that is no valid IPv4/IPv6 packet",
+    "index_refused": "a handshake not sent or answered because a kernel map of session "
+                     "indices is full (the XDP guard's, or receive steering's)",
     "source_policy": "the inner source address was refused by SourcePolicy",
     "tun_write_failed": "writing a decrypted packet to the peer's TUN queue failed",
 }

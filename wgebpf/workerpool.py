@@ -303,7 +303,16 @@ class WorkerPool:
         if worker is None:
             return
         if self.reuseport is not None:
-            self.reuseport.set_index(keypair.local_index, worker.position)
+            try:
+                self.reuseport.set_index(keypair.local_index, worker.position)
+            except OSError as exc:
+                # A full map (E2BIG): the session could receive nothing, so
+                # it is not installed; the peer's next handshake tries again.
+                log.warning("%s: receive steering refused index %d (%s); session not installed",
+                            self.device.name, keypair.local_index, exc.strerror or exc)
+                self.device.drop("index_refused", peer)
+                keypair.zero()
+                return
         self._send(worker, ("keypair", peer.queue, keypair.export()))
         keypair.zero()      # the worker's copy is the only live one
 
