@@ -2,7 +2,7 @@
  *
  * Map names, key and value layouts, flags, counter indexes and verdicts live
  * here and only here (the xdp-tools common_kern_user.h habit).
- * wgebpf/bpfmaps.py mirrors every item with ctypes; the tests compile this
+ * wgebpf/kernel/bpfmaps.py mirrors every item with ctypes; the tests compile this
  * header with bcc and check that sizes, offsets and values agree.
  *
  * Plain types only (__u8/__u32/__u64 and fixed arrays, no bitfields, no

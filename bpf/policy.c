@@ -33,7 +33,7 @@
  *               does not hash the same way.
  *   nftables    no check: the slot goes into skb->mark under
  *               wg_config.mark_mask, the other mark bits kept; the table
- *               wgebpf/nftables.py installs drops what does not match.
+ *               wgebpf/kernel/nftables.py installs drops what does not match.
  *   off         no check.
  * Packets from queue 0 (the control plane's own, e.g. its ICMP errors) or
  * with no queue recorded pass untouched, counted in row 0.

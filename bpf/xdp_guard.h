@@ -1,10 +1,10 @@
 /* xdp_guard.h: what the underlay guard (xdp_guard.c) and its loader
- * (wgebpf/xdp_guard.py) agree on.
+ * (wgebpf/kernel/xdp_guard.py) agree on.
  *
  * Kept apart from common.h on purpose: the guard is one self-contained
  * program with maps of its own (prefix wgx_), loaded as its own object on
  * the underlay device, and shares nothing with the TUN-side programs.
- * wgebpf/xdp_guard.py mirrors every item; tests/test_bpf_xdp_guard.py
+ * wgebpf/kernel/xdp_guard.py mirrors every item; tests/test_bpf_xdp_guard.py
  * compiles this header with bcc and checks that sizes, offsets and values
  * agree. Plain types only, no implicit padding.
  */

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Soak test (not in CI): wgebpf A and wireguard-go B on the standard
-two-host topology (wgebpf/netns.py), traffic for --minutes, a rekey every
+two-host topology (wgebpf/lab/netns.py), traffic for --minutes, a rekey every
 --rekey seconds (WGEBPF_TEST_REKEY_AFTER_TIME, test-only), and every
 --kill-every seconds one worker process SIGKILLed, the workers in turn.
 
@@ -29,9 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from wgebpf import netns, resources  # noqa: E402
-from wgebpf.netns import B_TUNNEL4  # noqa: E402
-from wgebpf.xdp_guard import DROP_REASONS as XDP_DROP_REASONS  # noqa: E402
+from wgebpf.lab import netns  # noqa: E402
+from wgebpf.control import resources  # noqa: E402
+from wgebpf.lab.netns import B_TUNNEL4  # noqa: E402
+from wgebpf.kernel.xdp_guard import DROP_REASONS as XDP_DROP_REASONS  # noqa: E402
 
 IPERF_PORT = 5201
 

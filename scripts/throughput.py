@@ -3,7 +3,7 @@
 Usage (root):  .venv/bin/python scripts/throughput.py [--seconds 10] [--repeats 3]
                                                       [--output DIR]
 
-A thin wrapper around `wgebpf bench` (wgebpf/bench.py), which superseded
+A thin wrapper around `wgebpf bench` (wgebpf/lab/bench.py), which superseded
 this script: the same two pairings, with wgebpf's default data plane
 (PeerSelection nexthop, Workers 2), runs alternating between them. Prints
 bench's Markdown table (TCP one and four streams, UDP small packets,
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from wgebpf import bench  # noqa: E402
+from wgebpf.lab import bench  # noqa: E402
 
 
 def main() -> int:

@@ -9,7 +9,7 @@ that bcc compiles; reading the maps back gives the compiler's own numbers.
 import ctypes
 import re
 
-from wgebpf import bpfmaps
+from wgebpf.kernel import bpfmaps
 
 
 def c_defines(header: str, prefix: str) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Shared fixtures, built from wgebpf.netns.
+"""Shared fixtures, built from wgebpf.lab.netns.
 
 Test tiers: unmarked tests need nothing special. Tests marked `netns` need
 root, `ip netns` and the real kernel; `interop` ones also run Debian's
@@ -21,7 +21,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-from wgebpf import netns
+from wgebpf.lab import netns
 
 # Property-based fuzz tests (tests/test_fuzz_*.py): a bounded budget by
 # default, so CI stays short; a long run with
@@ -115,7 +115,7 @@ def root() -> None:
 @pytest.fixture
 def topo(request, root) -> netns.TwoHosts:
     """Function scope; needs root. A fresh two-host topology (A and B joined
-    by veth, see wgebpf/netns.py), torn down after the test. When the test
+    by veth, see wgebpf/lab/netns.py), torn down after the test. When the test
     fails, every daemon's log is printed with the report."""
     hosts = netns.TwoHosts()
     try:
@@ -132,7 +132,7 @@ def make_pair(topo, a_impl, a_variant):
     """Function scope; needs `topo`. A factory: make_pair(**kwargs) starts A
     (the --a-impl implementation, in the `a_variant` variant) and B
     (wireguard-go) as each other's peer and returns (a, b). kwargs are those
-    of wgebpf.netns.make_pair: endpoints=a|b|both|none, family=4|6, psk=...,
+    of wgebpf.lab.netns.make_pair: endpoints=a|b|both|none, family=4|6, psk=...,
     a_env={...}, configs=(...), a_extra={...}."""
     def factory(**kwargs):
         kwargs.setdefault("a_impl", a_impl)

@@ -5,9 +5,9 @@ test, under a FakeClock, with no root and no kernel."""
 import ipaddress
 import struct
 
-from wgebpf.device import Device
-from wgebpf.keys import generate_private_key, public_key
-from wgebpf.scheduler import FakeClock
+from wgebpf.wireguard.device import Device
+from wgebpf.wireguard.keys import generate_private_key, public_key
+from wgebpf.wireguard.scheduler import FakeClock
 
 
 class MemoryNetwork:

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 
 import pytest
 
+from wgebpf.kernel import bpfmaps
+
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
 
@@ -63,18 +65,12 @@ def fresh_netns(root):
 
 # --- a minimal eBPF loader: `r0 = ret; exit` -----------------------------------
 # Enough to test plumbing that takes any program (steering ioctl, tc, XDP)
-# without compiling C. x86_64 syscall number.
-SYS_BPF = 321
+# without compiling C.
 BPF_PROG_LOAD, BPF_OBJ_GET_INFO_BY_FD = 5, 15
 BPF_PROG_TYPE_SOCKET_FILTER, BPF_PROG_TYPE_SCHED_CLS, BPF_PROG_TYPE_XDP = 1, 3, 6
 
 
-def bpf(cmd: int, attr) -> int:
-    ret = _libc.syscall(SYS_BPF, cmd, attr, len(attr))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return ret
+bpf = bpfmaps.bpf
 
 
 def load_const_prog(prog_type: int, ret: int) -> tuple[int, int]:

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from wgebpf.allowedips import AllowedIPs
+from wgebpf.wireguard.allowedips import AllowedIPs
 
 net = ipaddress.ip_network
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from wgebpf import bench
-from wgebpf.bench import Setup
+from wgebpf.lab import bench
+from wgebpf.lab.bench import Setup
 
 # -- Unit: no root needed --------------------------------------------------------
 

@@ -26,10 +26,11 @@ import time
 
 import pytest
 
-from wgebpf import bpfmaps, nexthop, state
-from wgebpf.nexthop import NextHopClassifier
-from wgebpf.tun import Tun
-from wgebpf.tun_steer import TunSteering
+from wgebpf.kernel import bpfmaps, nexthop
+from wgebpf.kernel import tc
+from wgebpf.kernel.nexthop import NextHopClassifier
+from wgebpf.dataplane.tun import Tun
+from wgebpf.kernel.tun_steer import TunSteering
 
 pytestmark = pytest.mark.netns
 
@@ -291,7 +292,7 @@ def test_beside_a_clsact_it_did_not_add(netns):
             assert "wg_nexthop" not in sh(f"tc filter show dev {name} egress")
             rec = classifier.attach()
             assert "wg_nexthop" in sh(f"tc filter show dev {name} egress")
-            assert state._remove_tc(rec)[0].startswith("removed tc filter")
+            assert tc.remove_filter(rec)[0].startswith("removed tc filter")
             assert "wg_nexthop" not in sh(f"tc filter show dev {name} egress")
         assert "clsact" in sh(f"tc qdisc show dev {name}")
 

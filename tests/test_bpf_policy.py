@@ -29,11 +29,13 @@ import socket
 
 import pytest
 
-from wgebpf import bpfmaps, flood, state
-from wgebpf.config import PEER_MARK_DEFAULT
-from wgebpf.nexthop import NextHopClassifier
-from wgebpf.policy import POLICIES, SourcePolicy, peer_mark
-from wgebpf.tun import Tun
+from wgebpf.kernel import bpfmaps
+from wgebpf.lab import flood
+from wgebpf.kernel import tc
+from wgebpf.control.config import PEER_MARK_DEFAULT
+from wgebpf.kernel.nexthop import NextHopClassifier
+from wgebpf.kernel.policy import POLICIES, SourcePolicy, peer_mark
+from wgebpf.dataplane.tun import Tun
 
 pytestmark = pytest.mark.netns
 
@@ -350,7 +352,7 @@ def test_attach_record_and_detach(ing):
     ing.policy.detach()                     # idempotent
     # The runtime-state file's removal step finds it by the record.
     rec = ing.policy.attach()
-    assert state._remove_tc(rec)[0].startswith("removed tc filter")
+    assert tc.remove_filter(rec)[0].startswith("removed tc filter")
     assert "wg_policy" not in sh(f"tc filter show dev {ing.name} ingress")
     assert "wg_nexthop" in sh(f"tc filter show dev {ing.name} egress")
 

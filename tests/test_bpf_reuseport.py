@@ -16,8 +16,8 @@ import struct
 
 import pytest
 
-from wgebpf import bpfmaps
-from wgebpf.reuseport import ReuseportSteering
+from wgebpf.kernel import bpfmaps
+from wgebpf.kernel.reuseport import ReuseportSteering
 
 pytestmark = pytest.mark.netns
 

@@ -32,13 +32,14 @@ import pytest
 from pyroute2 import IPRoute
 
 import bpflayout
-from wgebpf import bpfmaps, netns, state
-from wgebpf import flood as F
-from wgebpf import xdp_guard as X
-from wgebpf.cookie import CookieChecker, CookieGenerator, MacState, mac1_key
-from wgebpf.scheduler import FakeClock
-from wgebpf.crypto import MAC
-from wgebpf import messages
+from wgebpf.kernel import bpfmaps
+from wgebpf.lab import netns
+from wgebpf.lab import flood as F
+from wgebpf.kernel import xdp_guard as X
+from wgebpf.wireguard.cookie import CookieChecker, CookieGenerator, MacState, mac1_key
+from wgebpf.wireguard.scheduler import FakeClock
+from wgebpf.wireguard.crypto import MAC
+from wgebpf.wireguard import messages
 
 PORT, OTHER_PORT = 51820, 51999
 KNOWN, UNKNOWN, MARKER = 0x1A2B3C4D, 0x00000007, 0x0BADCAFE
@@ -729,7 +730,7 @@ def test_attach_shows_the_mode_and_detach_leaves_nothing(wire, mode):
         g.detach()                      # twice: nothing to do
         # crash cleanup (wgebpf detach) removes it through the record alone
         rec = g.attach()
-        assert state._remove_xdp(rec)[0].startswith("removed XDP program")
+        assert X.remove_xdp(rec)[0].startswith("removed XDP program")
         assert wire.xdp_shown() == ""
 
 

@@ -1,6 +1,6 @@
 """Peer churn under load (issue 9): wgebpf A (defaults: PeerSelection
 nexthop, a worker per CPU, the XDP guard on its underlay as `wgebpf attach`
-puts it) and wireguard-go B on the standard topology (wgebpf/netns.py).
+puts it) and wireguard-go B on the standard topology (wgebpf/lab/netns.py).
 
 While one iperf3 TCP flow runs A -> B through the tunnel for CHURN_SECONDS,
 CHURN_PEERS other peers with random keys come and go through `wg set` on
@@ -29,8 +29,9 @@ import time
 import pytest
 
 import nsutil
-from wgebpf import netns, resources
-from wgebpf.netns import B_TUNNEL4, B_UNDERLAY4
+from wgebpf.lab import netns
+from wgebpf.control import resources
+from wgebpf.lab.netns import B_TUNNEL4, B_UNDERLAY4
 
 pytestmark = [pytest.mark.netns, pytest.mark.interop, pytest.mark.wgebpf_only]
 

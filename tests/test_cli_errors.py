@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from wgebpf import keys
+from wgebpf.wireguard import keys
 
 WGEBPF = str(Path(sys.executable).with_name("wgebpf"))
 UNDERLAY = "wgtnosuch0"          # must not exist in the root namespace

@@ -5,8 +5,9 @@ from ipaddress import ip_interface, ip_network
 
 import pytest
 
-from wgebpf import config, keys
-from wgebpf.config import ConfigError, parse
+from wgebpf.control import config
+from wgebpf.wireguard import keys
+from wgebpf.control.config import ConfigError, parse
 
 PATH = "/etc/wgebpf/wgtest0.conf"
 

@@ -1,4 +1,4 @@
-"""Known-answer tests for wgebpf.crypto.
+"""Known-answer tests for wgebpf.wireguard.crypto.
 
 Every vector names its source next to it. Where no published vector exists
 (keyed BLAKE2s-128, HMAC-BLAKE2s, the WireGuard KDF) the expected value is
@@ -12,8 +12,8 @@ import struct
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from wgebpf import crypto
-from wgebpf.messages import CONSTRUCTION, IDENTIFIER
+from wgebpf.wireguard import crypto
+from wgebpf.wireguard.messages import CONSTRUCTION, IDENTIFIER
 
 h = bytes.fromhex
 

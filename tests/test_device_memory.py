@@ -3,7 +3,7 @@ cookies, roaming. No root, no kernel, no sleeping (FakeClock)."""
 
 
 from memnet import ipv4_packet, ipv6_packet, pair
-from wgebpf.messages import (KEEPALIVE_TIMEOUT, MESSAGE_DATA, MESSAGE_HANDSHAKE_COOKIE,
+from wgebpf.wireguard.messages import (KEEPALIVE_TIMEOUT, MESSAGE_DATA, MESSAGE_HANDSHAKE_COOKIE,
                              MESSAGE_HANDSHAKE_INITIATION, MESSAGE_HANDSHAKE_RESPONSE,
                              REJECT_AFTER_TIME, REKEY_AFTER_TIME, REKEY_ATTEMPT_TIME,
                              REKEY_TIMEOUT, message_type)

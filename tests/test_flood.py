@@ -1,7 +1,7 @@
 """Floods against the underlay guard alone (no tunnel yet), and the flood tool.
 
 The Wire of test_bpf_xdp_guard.py: the guard on vg in namespace g (native
-or generic), UDP sinks behind it; wgebpf.flood sends from namespace p as
+or generic), UDP sinks behind it; wgebpf.lab.flood sends from namespace p as
 fast as one process can for a few seconds. While it runs, the test sends
 probes at a steady pace: valid data messages (a live index) to the guarded
 port and datagrams to another port. Afterwards:
@@ -22,9 +22,9 @@ import pytest
 
 from test_bpf_xdp_guard import (G4, G6, KNOWN, MARKER, OTHER_PORT, PORT, PUBLIC_KEY, Wire,
                                 data, inside)
-from wgebpf import bpfmaps
-from wgebpf import flood as F
-from wgebpf import xdp_guard as X
+from wgebpf.kernel import bpfmaps
+from wgebpf.lab import flood as F
+from wgebpf.kernel import xdp_guard as X
 
 SECONDS = 2.0               # per flood: CI time, not a benchmark
 MAX_PACKETS = 3_000_000

@@ -21,8 +21,9 @@ import re
 from hypothesis import example, given, strategies as st
 
 from memnet import pair
-from wgebpf import config, keys, settings
-from wgebpf.config import ConfigError
+from wgebpf.control import config, settings
+from wgebpf.wireguard import keys
+from wgebpf.control.config import ConfigError
 
 PATH = "/etc/wgebpf/fuzz0.conf"
 

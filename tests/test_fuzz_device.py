@@ -20,12 +20,12 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from memnet import ipv4_packet, ipv6_packet, pair
-from wgebpf import send
-from wgebpf.crypto import aead_nonce
-from wgebpf.messages import (DATA_HEADER, MESSAGE_DATA, MESSAGE_HANDSHAKE_COOKIE,
+from wgebpf.wireguard import send
+from wgebpf.wireguard.crypto import aead_nonce
+from wgebpf.wireguard.messages import (DATA_HEADER, MESSAGE_DATA, MESSAGE_HANDSHAKE_COOKIE,
                              MESSAGE_HANDSHAKE_INITIATION, MESSAGE_HANDSHAKE_RESPONSE,
                              REKEY_TIMEOUT, message_type)
-from wgebpf.metrics import DROP_REASONS
+from wgebpf.control.metrics import DROP_REASONS
 
 A_TO_B = ipv4_packet("198.51.100.1", "198.51.100.2")
 B_TO_A = ipv6_packet("2001:db8:100::2", "2001:db8:100::1")

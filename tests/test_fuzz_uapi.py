@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the UAPI text protocol (wgebpf/uapi.py).
+"""Property-based fuzzing of the UAPI text protocol (wgebpf/control/uapi.py).
 
 Three targets, all against a real wgebpf Device on in-memory sockets
 (tests/memnet.py), so the applier meets the real peer and allowed-IPs code:
@@ -33,10 +33,10 @@ import tempfile
 from hypothesis import assume, event, example, given, strategies as st
 
 from memnet import MemoryConn, MemoryNetwork
-from wgebpf import uapi
-from wgebpf.crypto import DH_PUBKEY
-from wgebpf.device import Device
-from wgebpf.scheduler import FakeClock
+from wgebpf.control import uapi
+from wgebpf.wireguard.crypto import DH_PUBKEY
+from wgebpf.wireguard.device import Device
+from wgebpf.wireguard.scheduler import FakeClock
 
 
 def _key(label: str) -> bytes:

@@ -7,8 +7,8 @@ import errno
 import logging
 
 from memnet import Host, ipv4_packet, pair
-from wgebpf import send
-from wgebpf.messages import (MESSAGE_HANDSHAKE_INITIATION, MESSAGE_HANDSHAKE_RESPONSE,
+from wgebpf.wireguard import send
+from wgebpf.wireguard.messages import (MESSAGE_HANDSHAKE_INITIATION, MESSAGE_HANDSHAKE_RESPONSE,
                              REKEY_TIMEOUT, message_type)
 
 A_TO_B = ipv4_packet("198.51.100.1", "198.51.100.2")
@@ -226,7 +226,7 @@ def test_removed_peer_and_its_secrets_are_not_kept_alive():
     handshake or its precomputed static-static DH reachable."""
     import gc
     import weakref
-    from wgebpf.crypto import ZERO_KEY
+    from wgebpf.wireguard.crypto import ZERO_KEY
     clock, network, a, b = crossing_pair()
     a.device.peers[b.public_key].set_persistent_keepalive(25)
     cross_handshakes(clock, network, a, b, 3)

@@ -1,6 +1,6 @@
 """wgebpf on host A against Debian's wireguard-go on host B, all through the CLI.
 
-The topology is the one drawn in wgebpf/netns.py. Every test builds its own.
+The topology is the one drawn in wgebpf/lab/netns.py. Every test builds its own.
 `pytest --a-impl=wireguard-go` runs the same tests with wireguard-go on A,
 to check the tests themselves against a known-good peer; tests marked
 wgebpf_only are then deselected.
@@ -23,8 +23,8 @@ import time
 
 import pytest
 
-from wgebpf import netns
-from wgebpf.netns import (A_PORT, A_TUNNEL4, A_TUNNEL6, A_UNDERLAY4, A_UNDERLAY6, B_PORT,
+from wgebpf.lab import netns
+from wgebpf.lab.netns import (A_PORT, A_TUNNEL4, A_TUNNEL6, A_UNDERLAY4, A_UNDERLAY6, B_PORT,
                           B_TUNNEL4, B_TUNNEL6, B_UNDERLAY4, B_UNDERLAY6, BC_C4, C_TUNNEL4,
                           C_TUNNEL6, PeerConfig)
 

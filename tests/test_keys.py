@@ -1,11 +1,11 @@
-"""wgebpf.keys against RFC 7748 and against wg(8) itself."""
+"""wgebpf.wireguard.keys against RFC 7748 and against wg(8) itself."""
 
 import base64
 import subprocess
 
 import pytest
 
-from wgebpf import keys
+from wgebpf.wireguard import keys
 
 # RFC 7748 section 6.1, Alice.
 ALICE_PRIVATE = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")

@@ -1,4 +1,4 @@
-"""wgebpf/metrics.py, unit tier: a status snapshot -> exposition text, read
+"""wgebpf/control/metrics.py, unit tier: a status snapshot -> exposition text, read
 back with prometheus_client's own parser; the HTTP server on loopback; the
 snapshot of two real in-memory devices. No root, no namespaces.
 (tests/test_prometheus.py scrapes a live interface with a real Prometheus.)"""
@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from memnet import ipv4_packet, pair
-from wgebpf import __version__, status
-from wgebpf.metrics import DROP_REASONS, MetricsServer, SnapshotCollector, parse_address
+from wgebpf import __version__
+from wgebpf.control import status
+from wgebpf.control.metrics import DROP_REASONS, MetricsServer, SnapshotCollector, parse_address
 
 KEY_B = base64.b64encode(bytes(range(32))).decode()
 KEY_C = base64.b64encode(bytes(range(1, 33))).decode()
@@ -202,7 +203,7 @@ def test_drop_reasons_cover_the_source():
     """Every drops["..."] the code counts has a documented reason."""
     root = pathlib.Path(__file__).resolve().parent.parent / "wgebpf"
     counted = set()
-    for path in root.glob("*.py"):
+    for path in root.rglob("*.py"):
         counted |= set(re.findall(r"drops\[\"([a-z_0-9]+)\"\]", path.read_text()))
         counted |= set(re.findall(r"\bdrop\(\"([a-z_0-9]+)\"", path.read_text()))
         counted |= set(re.findall(r"\(\"([a-z_0-9]+)\", self\.(?:conn|tun), ", path.read_text()))

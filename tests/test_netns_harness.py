@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from wgebpf import netns
-from wgebpf.netns import (A_TUNNEL4, A_TUNNEL6, B_TUNNEL4, B_TUNNEL6,
+from wgebpf.lab import netns
+from wgebpf.lab.netns import (A_TUNNEL4, A_TUNNEL6, B_TUNNEL4, B_TUNNEL6,
                           InterfaceConfig, PeerConfig, parse_dump)
 
 # -- Unit: no root needed ------------------------------------------------------

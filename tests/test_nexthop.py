@@ -45,8 +45,8 @@ from typing import Callable
 
 import pytest
 
-from wgebpf import netns
-from wgebpf.netns import Bird, InterfaceConfig, Namespace, PeerConfig
+from wgebpf.lab import netns
+from wgebpf.lab.netns import Bird, InterfaceConfig, Namespace, PeerConfig
 
 pytestmark = [pytest.mark.netns, pytest.mark.interop]
 

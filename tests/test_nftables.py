@@ -1,4 +1,4 @@
-"""The nftables source policy's table (wgebpf/nftables.py), with policy.c marking.
+"""The nftables source policy's table (wgebpf/kernel/nftables.py), with policy.c marking.
 
 Unit cases first (which prefixes wgebpf adds next to the admin's elements),
 then the real thing in a namespace (nft only ever runs inside it): the
@@ -23,8 +23,8 @@ import pytest
 
 from nsutil import fresh_netns  # noqa: F401 (the netns fixture)
 from test_bpf_policy import PEER_ADDRS, Ingress
-from wgebpf import state
-from wgebpf.nftables import NftSourceFilter, uncovered
+from wgebpf.kernel import nftables
+from wgebpf.kernel.nftables import NftSourceFilter, uncovered
 
 N = ipaddress.ip_network
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,7 +203,7 @@ def test_uninstall_removes_the_table_and_install_replaces_a_stale_one(netns, nft
 def test_runtime_state_removes_the_table_after_kill_9(netns):
     """A process that dies by SIGKILL leaves its table; the state file's
     record ("inet wgebpf_<ifname>") is all `wgebpf detach` needs."""
-    code = ("import sys; from wgebpf.nftables import NftSourceFilter;"
+    code = ("import sys; from wgebpf.kernel.nftables import NftSourceFilter;"
             "f = NftSourceFilter('wgk0'); f.install(); f.set_peer(1, ['192.0.2.0/24'], 'k');"
             "print(f.record, flush=True); sys.stdin.read()")
     proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", code],
@@ -215,9 +215,9 @@ def test_runtime_state_removes_the_table_after_kill_9(netns):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         assert "table inet wgebpf_wgk0" in ruleset(netns)
-        assert state._remove_nft(record) == ["removed nftables table inet wgebpf_wgk0"]
+        assert nftables.remove_table(record) == ["removed nftables table inet wgebpf_wgk0"]
         assert "wgebpf_wgk0" not in ruleset(netns)
-        assert state._remove_nft(record) == ["nftables table inet wgebpf_wgk0: already gone"]
+        assert nftables.remove_table(record) == ["nftables table inet wgebpf_wgk0: already gone"]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,7 +1,7 @@
 """A real Prometheus (Debian's `prometheus`) scrapes wgebpf while traffic flows.
 
     netns A: wgebpf (Metrics = 127.0.0.1:9586) <- prometheus (127.0.0.1:9090, scrape 1 s)
-             |  tunnel over veth (wgebpf/netns.py's TwoHosts)
+             |  tunnel over veth (wgebpf/lab/netns.py's TwoHosts)
     netns B: wireguard-go
 
 The test asks Prometheus's HTTP API, from inside A, for each metric family
@@ -28,9 +28,9 @@ import urllib.parse
 
 import pytest
 
-from wgebpf import netns
-from wgebpf.metrics import DROP_REASONS
-from wgebpf.netns import A_TUNNEL4, B_TUNNEL4
+from wgebpf.lab import netns
+from wgebpf.control.metrics import DROP_REASONS
+from wgebpf.lab.netns import A_TUNNEL4, B_TUNNEL4
 
 pytestmark = [pytest.mark.netns, pytest.mark.interop, pytest.mark.wgebpf_only]
 

@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from wgebpf.ratelimiter import RateLimiter, source_key
+from wgebpf.wireguard.ratelimiter import RateLimiter, source_key
 
 A = "192.0.2.1"
 B = "192.0.2.2"

@@ -10,8 +10,8 @@ import random
 
 import pytest
 
-from wgebpf.messages import REJECT_AFTER_MESSAGES
-from wgebpf.replay import COUNTER_WINDOW_SIZE, ReplayWindow
+from wgebpf.wireguard.messages import REJECT_AFTER_MESSAGES
+from wgebpf.wireguard.replay import COUNTER_WINDOW_SIZE, ReplayWindow
 
 W = COUNTER_WINDOW_SIZE
 T_LIM = W + 1

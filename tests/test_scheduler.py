@@ -2,7 +2,7 @@
 grow the heap (one entry per timer, however often it is re-armed)."""
 
 from memnet import ipv4_packet, pair
-from wgebpf.scheduler import FakeClock, Scheduler
+from wgebpf.wireguard.scheduler import FakeClock, Scheduler
 
 
 def make():

@@ -5,7 +5,7 @@ import errno
 import pytest
 
 from memnet import pair
-from wgebpf import settings
+from wgebpf.control import settings
 
 
 def test_interface_and_peer_source_policy():
@@ -58,7 +58,7 @@ def test_nftables_refused_while_peer_mark_and_fwmark_share_bits():
 
 # ---------------------------------------------------------------- parse_args (the CLI words)
 
-from wgebpf import keys  # noqa: E402
+from wgebpf.wireguard import keys  # noqa: E402
 
 SET_KEY = keys.encode(keys.generate_private_key())
 

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import pytest
 
 from test_nexthop import B_OWN4, B_OWN6, Hosts, ping_ok, tunnel4, tunnel6, wgebpf_with_peers
-from wgebpf import netns
-from wgebpf.config import PEER_MARK_DEFAULT
-from wgebpf.netns import Namespace
-from wgebpf.policy import peer_mark
+from wgebpf.lab import netns
+from wgebpf.control.config import PEER_MARK_DEFAULT
+from wgebpf.lab.netns import Namespace
+from wgebpf.kernel.policy import peer_mark
 
 pytestmark = [pytest.mark.netns, pytest.mark.interop]
 

@@ -20,9 +20,10 @@ import textwrap
 import pytest
 from pyroute2 import IPRoute
 
-from wgebpf import link, state
-from wgebpf.state import RuntimeState, StateError, detach, is_attach_cmdline
-from wgebpf.tun import Tun
+from wgebpf.kernel import link, tc, xdp_guard
+from wgebpf.control import state
+from wgebpf.control.state import RuntimeState, StateError, detach, is_attach_cmdline
+from wgebpf.dataplane.tun import Tun
 
 from nsutil import (BPF_PROG_TYPE_SCHED_CLS, BPF_PROG_TYPE_XDP, fresh_netns,  # noqa: F401
                     load_const_prog as _load_const_prog, sh as _sh)
@@ -64,9 +65,9 @@ def test_save_load_roundtrip(dirs):
     st = RuntimeState(name="wgs0", pid=os.getpid(), underlay="eth9",
                       routes=[{"kind": "route", "family": 4, "table": 254,
                                "dst": "198.51.100.0/24"}],
-                      tc_filters=[state.tc_record(7, "eth9", "ffff:fff3", prio=1, clsact=True)],
+                      tc_filters=[tc.tc_record(7, "eth9", "ffff:fff3", prio=1, clsact=True)],
                       nft_tables=["inet wgebpf_wgs0"],
-                      xdp=state.xdp_record(7, "eth9", 42, "generic"), extra={"workers": 2})
+                      xdp=xdp_guard.xdp_record(7, "eth9", 42, "generic"), extra={"workers": 2})
     assert st.socket_path == os.path.join(state.SOCKET_DIR, "wgs0.sock")
     st.save()
     path = run / "wgs0.json"
@@ -125,8 +126,9 @@ def test_is_attach_cmdline(argv, name, expected):
 
 CHILD = textwrap.dedent("""
     import ipaddress, os, signal, socket, sys, time
-    from wgebpf import link, state
-    from wgebpf.tun import Tun
+    from wgebpf.kernel import link
+    from wgebpf.control import state
+    from wgebpf.dataplane.tun import Tun
     state.RUN_DIR = os.environ["WGEBPF_TEST_RUN_DIR"]
     state.SOCKET_DIR = os.environ["WGEBPF_TEST_SOCKET_DIR"]
     name, behaviour = sys.argv[2], sys.argv[3]
@@ -340,7 +342,7 @@ def test_detach_removes_recorded_tc(veth, dirs, record, filter_left, clsact_left
     prog_id = _add_tc_filter_ipr(index)
     record = dict(record)
     record.setdefault("prog_id", prog_id)
-    rec = state.tc_record(index, name, "ffff:fff3", **record)
+    rec = tc.tc_record(index, name, "ffff:fff3", **record)
     lines = _detach_with(_ifname(), tc_filters=[rec])
     assert "FAILED" not in "\n".join(lines), lines
     assert ("bpf" in _sh(f"tc filter show dev {name} egress")) is filter_left
@@ -359,7 +361,7 @@ def test_detach_removes_only_our_xdp_program(veth, dirs, recorded, removed):
     finally:
         os.close(fd)
     assert f"prog/xdp id {prog_id}" in _sh(f"ip link show {name}")
-    rec = state.xdp_record(index, name, prog_id if recorded else prog_id + 1000, "generic")
+    rec = xdp_guard.xdp_record(index, name, prog_id if recorded else prog_id + 1000, "generic")
     lines = _detach_with(_ifname(), xdp=rec)
     assert "FAILED" not in "\n".join(lines), lines
     assert (f"prog/xdp id {prog_id}" not in _sh(f"ip link show {name}")) is removed
@@ -382,7 +384,7 @@ def test_detach_records_on_a_vanished_device_are_done(netns, dirs):
     after a crash) count as removed."""
     gone = 999
     lines = _detach_with(_ifname(),
-                         tc_filters=[state.tc_record(gone, "wgtgone", "ffff:fff2", clsact=True)],
-                         xdp=state.xdp_record(gone, "wgtgone", 1, "generic"))
+                         tc_filters=[tc.tc_record(gone, "wgtgone", "ffff:fff2", clsact=True)],
+                         xdp=xdp_guard.xdp_record(gone, "wgtgone", 1, "generic"))
     text = "\n".join(lines)
     assert "FAILED" not in text and text.count("device gone") == 2, text

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from wgebpf import tai64n
+from wgebpf.wireguard import tai64n
 
 # The label of Unix time 0 is 2**62 + 10 = 0x400000000000000a (TAI64 base
 # plus TAI-UTC in 1972, the constant wireguard-go's tai64n package uses).

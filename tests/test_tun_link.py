@@ -19,10 +19,10 @@ import time
 
 import pytest
 
-from wgebpf import link
-from wgebpf.link import HookError, LinkError, RouteRecord
-from wgebpf.icmp import checksum as _checksum
-from wgebpf.tun import MAX_QUEUES, Tun, TunError
+from wgebpf.kernel import link
+from wgebpf.kernel.link import HookError, LinkError, RouteRecord
+from wgebpf.wireguard.icmp import checksum as _checksum
+from wgebpf.dataplane.tun import MAX_QUEUES, Tun, TunError
 
 from nsutil import BPF_PROG_TYPE_SOCKET_FILTER, fresh_netns, load_const_prog, sh as _sh  # noqa: F401
 

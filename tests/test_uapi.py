@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from wgebpf import uapi
-from wgebpf.crypto import DH_PUBKEY
+from wgebpf.control import uapi
+from wgebpf.wireguard.crypto import DH_PUBKEY
 
 # Fixed keys keep expected strings readable.
 PRIV = bytes(range(1, 33))
@@ -401,7 +401,7 @@ def test_set_device_exceptions_become_errno(exc, code):
 
 def test_private_keys_never_logged(caplog):
     dev = FakeDevice()
-    caplog.set_level("DEBUG", logger="wgebpf.uapi")
+    caplog.set_level("DEBUG", logger="wgebpf.control.uapi")
     secret = PRIV.hex()
     uapi.apply_set(dev, [f"private_key={secret}", f"public_key={PK1.hex()}", f"preshared_key={secret}",
                          f"private_key={secret}"])
@@ -598,7 +598,7 @@ def test_server_line_over_64k_is_eio_and_applies_nothing(served, payload):
 
 def test_server_logs_no_key_material(served, caplog):
     server, _, _ = served
-    caplog.set_level("DEBUG", logger="wgebpf.uapi")
+    caplog.set_level("DEBUG", logger="wgebpf.control.uapi")
     secret_hex, secret_b64 = PRIV.hex(), b64(PRIV)
     peer = f"public_key={PK1.hex()}\n"
     bodies = [

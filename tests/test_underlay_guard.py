@@ -1,6 +1,6 @@
 """The XDP underlay guard in front of a whole tunnel (issue 6): wgebpf on A
 with `wgebpf attach`'s guard on A's underlay, wireguard-go on B, and F
-flooding A's listen port from the same LAN with wgebpf.flood (bounded in
+flooding A's listen port from the same LAN with wgebpf.lab.flood (bounded in
 seconds and packets; only to A's underlay address).
 
                     netns <run>-lan: bridge br0, no address
@@ -8,7 +8,7 @@ seconds and packets; only to A's underlay address).
           | veth                | veth                | veth
  +--------+---------+  +--------+---------+  +--------+-----------------+
  | A  192.0.2.1     |  | B  192.0.2.2     |  | F  192.0.2.6             |
- | wgebpf  wga...   |  | wireguard-go     |  | wgebpf.flood (raw        |
+ | wgebpf  wga...   |  | wireguard-go     |  | wgebpf.lab.flood (raw        |
  | UDP 51820        |  | UDP 51821        |  |  sockets, one core)      |
  | 198.51.100.1/24  |  | 198.51.100.2/24  |  | lo: local 203.0.113.0/24 |
  | XDP guard on ul  |  |                  |  |  (spoofed flood sources; |
@@ -50,11 +50,11 @@ import pytest
 from pyroute2 import IPRoute
 
 import nsutil
-from wgebpf import flood as F
-from wgebpf import netns
-from wgebpf import xdp_guard as X
-from wgebpf.messages import REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX
-from wgebpf.netns import InterfaceConfig, Namespace, PeerConfig
+from wgebpf.lab import flood as F
+from wgebpf.lab import netns
+from wgebpf.kernel import xdp_guard as X
+from wgebpf.wireguard.messages import REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX
+from wgebpf.lab.netns import InterfaceConfig, Namespace, PeerConfig
 
 # wgebpf_only: the guard is wgebpf's own (`--a-impl=wireguard-go` deselects these).
 pytestmark = [pytest.mark.netns, pytest.mark.interop, pytest.mark.wgebpf_only]
@@ -559,8 +559,7 @@ def test_a_spoofer_of_a_peers_address_cannot_lock_it_out(hosts_factory, cpus):
 
 def attached_ids(ns: Namespace, dev: str) -> dict[str, int]:
     with nsutil.inside(ns.name), IPRoute() as ipr:
-        from wgebpf import state
-        return state._xdp_attached(ipr, ipr.link_lookup(ifname=dev)[0])
+        return X.attached_programs(ipr, ipr.link_lookup(ifname=dev)[0])
 
 
 def a_side(topo: netns.TwoHosts, args: list[str] = ()) -> netns.Wgebpf:

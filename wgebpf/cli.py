@@ -12,8 +12,8 @@ import sys
 
 import typer
 
-from . import keys
-from .config import redact_keys
+from .wireguard import keys
+from .control.config import redact_keys
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
@@ -72,8 +72,8 @@ def attach(
 
     Example: wgebpf attach eth0 --config wg0.conf --name wg0 --metrics 127.0.0.1:9586
     """
-    from .attach import AttachError, attach as run_attach, check_underlay
-    from .config import ConfigError, load, parse_metrics
+    from .control.attach import AttachError, attach as run_attach, check_underlay
+    from .control.config import ConfigError, load, parse_metrics
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="wgebpf[%(process)d]: %(message)s", stream=sys.stderr)
@@ -115,7 +115,7 @@ def detach(name: str = typer.Argument(..., help="interface name")):
 
     Example: wgebpf detach wg0
     """
-    from .state import detach as run_detach
+    from .control.state import detach as run_detach
     check_ifname(name)
     try:
         for line in run_detach(name):
@@ -130,7 +130,7 @@ def show(name: str = typer.Argument(None, help="interface name (default: all)"))
 
     Example: wgebpf show wg0
     """
-    from .show import ShowError, interfaces, query, render, status
+    from .control.show import ShowError, interfaces, query, render, status
     if name is not None:
         check_ifname(name)
     names = [name] if name else interfaces()
@@ -162,8 +162,8 @@ def set_command(
     Examples: wgebpf set wg0 source-policy fib;
     wgebpf set wg0 peer <base64 key> source-policy off  (or: default)
     """
-    from .settings import SettingError, parse_args
-    from .show import ShowError, uapi_request
+    from .control.settings import SettingError, parse_args
+    from .control.show import ShowError, uapi_request
     check_ifname(name)
     try:
         lines = parse_args(args)
@@ -187,7 +187,7 @@ def status_command(name: str = typer.Argument(..., help="interface name")):
     Example: wgebpf status wg0 | jq .workers
     """
     import json
-    from .show import ShowError, status
+    from .control.show import ShowError, status
     check_ifname(name)
     try:
         typer.echo(json.dumps(status(name), indent=2, sort_keys=True))
@@ -222,7 +222,7 @@ def genpsk():
 @app.command()
 def demo():
     """Build two namespaces (wgebpf and wireguard-go), send traffic, show both."""
-    from . import demo as demo_module
+    from .lab import demo as demo_module
     raise typer.Exit(demo_module.main() or 0)
 
 
@@ -241,7 +241,7 @@ def bench(
 
     Example: sudo wgebpf bench --output bench-out --repeats 3 --seconds 5
     """
-    from . import bench as bench_module
+    from .lab import bench as bench_module
     if not (math.isfinite(seconds) and 0 < seconds <= MAX_BENCH_SECONDS):
         fail(f"bench: --seconds must be more than 0 and at most {MAX_BENCH_SECONDS}", 2)
     check_output_dir(output)

@@ -54,7 +54,7 @@ import threading
 import time
 from typing import Any
 
-from .crypto import DH_PUBKEY
+from ..wireguard.crypto import DH_PUBKEY
 
 log = logging.getLogger(__name__)
 

@@ -40,16 +40,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import time
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import bpfmaps, state
-from .cookie import mac1_key
-from .messages import HANDSHAKES_PER_SECOND_UNDER_LOAD, UNDER_LOAD_AFTER
-from .ratelimiter import PACKETS_BURSTABLE, PACKETS_PER_SECOND
+from . import bpfmaps
+from .link import link_matches
+from ..wireguard.cookie import mac1_key
+from ..wireguard.messages import HANDSHAKES_PER_SECOND_UNDER_LOAD, UNDER_LOAD_AFTER
+from ..wireguard.ratelimiter import PACKETS_BURSTABLE, PACKETS_PER_SECOND
 
 HEADER = os.path.join(bpfmaps.BPF_DIR, "xdp_guard.h")
 SOURCE = "xdp_guard.c"
@@ -274,7 +274,7 @@ class XdpGuard:
         self.requested_mode = mode
         self.force = force
         self.mode: str | None = None        # the mode in use while attached
-        self.record: dict | None = None     # state.xdp_record while attached
+        self.record: dict | None = None     # xdp_record() while attached
         self.replaced: dict[str, int] = {}  # foreign programs force replaced: mode -> id
         self._config = Config()
         self.bpf = bpfmaps.compile_programs(SOURCE)
@@ -314,7 +314,7 @@ class XdpGuard:
     # -- attachment ------------------------------------------------------------
 
     def attach(self) -> dict:
-        """Attach to the device; returns the state.xdp_record to save.
+        """Attach to the device; returns the xdp_record() to save.
 
         Never replaces a program silently: the kernel is asked with
         XDP_FLAGS_UPDATE_IF_NOEXIST, so one attached between our check and
@@ -324,7 +324,7 @@ class XdpGuard:
             return self.record
         with IPRoute() as ipr:
             ifindex = _ifindex(ipr, self.ifname)
-            attached = state._xdp_attached(ipr, ifindex)
+            attached = attached_programs(ipr, ifindex)
             if attached:
                 if not self.force:
                     raise XdpBusyError(self.ifname, attached)
@@ -339,21 +339,21 @@ class XdpGuard:
                              MODE_FLAGS[mode] | XDP_FLAGS_UPDATE_IF_NOEXIST)
                 except NetlinkError as e:
                     if e.code in (errno.EBUSY, errno.EEXIST):
-                        raise XdpBusyError(self.ifname, state._xdp_attached(ipr, ifindex)) from e
+                        raise XdpBusyError(self.ifname, attached_programs(ipr, ifindex)) from e
                     errors.append(f"{mode}: {os.strerror(e.code)} ({e})")
                     continue
                 self.mode = mode
                 break
             else:
                 raise XdpError(f"cannot attach XDP to {self.ifname}: {'; '.join(errors)}")
-        self.record = state.xdp_record(ifindex, self.ifname, self.prog_id, self.mode)
+        self.record = xdp_record(ifindex, self.ifname, self.prog_id, self.mode)
         return self.record
 
     def detach(self) -> None:
         """Remove our program (and only ours: the same step crash cleanup runs)."""
         if self.record is None:
             return
-        state._remove_xdp(self.record)
+        remove_xdp(self.record)
         self.record, self.mode = None, None
 
     def close(self) -> None:
@@ -479,6 +479,62 @@ class XdpGuard:
         return Bucket(v.tokens, v.last_ns)
 
 
+# ---- the record, and removal after a crash -----------------------------------
+
+def xdp_record(ifindex: int, ifname: str, prog_id: int, mode: str) -> dict:
+    """The xdp entry: which program wgebpf attached where, in which mode."""
+    if mode not in _XDP_MODE_FLAGS:
+        raise ValueError(f"XDP mode must be one of {sorted(_XDP_MODE_FLAGS)}, not {mode!r}")
+    return {"ifindex": ifindex, "ifname": ifname, "prog_id": prog_id, "mode": mode}
+
+
+# XDP attach flags (<linux/if_link.h>) and the IFLA_XDP_*_PROG_ID per mode.
+_XDP_FLAGS_REPLACE = 1 << 4
+_XDP_MODE_FLAGS = {"generic": 1 << 1, "native": 1 << 2, "offload": 1 << 3}
+_XDP_MODE_ATTR = {"generic": "IFLA_XDP_SKB_PROG_ID", "native": "IFLA_XDP_DRV_PROG_ID",
+                  "offload": "IFLA_XDP_HW_PROG_ID"}
+
+
+def attached_programs(ipr: IPRoute, ifindex: int) -> dict[str, int]:
+    """mode -> attached program id on `ifindex`."""
+    xdp = ipr.get_links(ifindex)[0].get("IFLA_XDP")
+    if not xdp:
+        return {}
+    found = {m: xdp.get(attr) for m, attr in _XDP_MODE_ATTR.items() if xdp.get(attr)}
+    # With a single program the kernel reports only IFLA_XDP_PROG_ID and the mode.
+    mode = {1: "native", 2: "generic", 3: "offload"}.get(xdp.get("IFLA_XDP_ATTACHED"))
+    if mode and xdp.get("IFLA_XDP_PROG_ID"):
+        found.setdefault(mode, xdp.get("IFLA_XDP_PROG_ID"))
+    return found
+
+
+def remove_xdp(rec: dict) -> list[str]:
+    """Detach the program `rec` (xdp_record) names, only if it is still the
+    one attached; what detach() and `wgebpf detach` after a crash run."""
+    where = rec.get("ifname") or rec["ifindex"]
+    with IPRoute() as ipr:
+        if not link_matches(ipr, rec["ifindex"], rec.get("ifname")):
+            return [f"XDP on {where}: device gone"]
+        attached = attached_programs(ipr, rec["ifindex"])
+        mode = rec.get("mode") or next(
+            (m for m, pid in attached.items() if pid == rec["prog_id"]), "generic")
+        if attached.get(mode) != rec["prog_id"]:
+            now = attached.get(mode)
+            return [f"XDP on {where}: program {rec['prog_id']} not attached"
+                    + (f" (program {now} is, left alone)" if now else "")]
+        # XDP_FLAGS_REPLACE with the expected program makes the kernel detach
+        # only if ours is still the one attached, closing the check-then-act race.
+        prog_fd = bpfmaps.prog_fd_by_id(rec["prog_id"])
+        try:
+            ipr.link("set", index=rec["ifindex"], xdp={"attrs": [
+                ("IFLA_XDP_FD", -1),
+                ("IFLA_XDP_FLAGS", _XDP_MODE_FLAGS[mode] | _XDP_FLAGS_REPLACE),
+                ("IFLA_XDP_EXPECTED_FD", prog_fd)]})
+        finally:
+            os.close(prog_fd)
+    return [f"removed XDP program {rec['prog_id']} ({mode}) from {where}"]
+
+
 # ---- helpers --------------------------------------------------------------------
 
 def _ifindex(ipr: IPRoute, ifname: str) -> int:
@@ -495,7 +551,7 @@ def _set_xdp(ipr: IPRoute, ifindex: int, fd: int, flags: int) -> None:
 
 def _prog_name(prog_id: int) -> str:
     try:
-        fd = state._bpf_prog_fd_by_id(prog_id)
+        fd = bpfmaps.prog_fd_by_id(prog_id)
     except OSError:
         return "name unknown"
     try:
@@ -507,9 +563,6 @@ def _prog_name(prog_id: int) -> str:
 # BPF_PROG_TEST_RUN: the kernel runs a program on a buffer we give it
 # (at least an Ethernet header's 14 bytes for XDP).
 _BPF_PROG_TEST_RUN = 10
-_SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280}.get(platform.machine(), 321)
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 class _TestRunAttr(ctypes.Structure):
@@ -528,9 +581,7 @@ def test_run(prog_fd: int, frame: bytes, repeat: int = 1) -> tuple[int, int]:
     buf = ctypes.create_string_buffer(bytes(frame), len(frame))
     attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(frame),
                         data_in=ctypes.addressof(buf), repeat=repeat)
-    if _libc.syscall(_SYS_BPF, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
+    bpfmaps.bpf(_BPF_PROG_TEST_RUN, attr)
     return attr.retval, attr.duration
 
 

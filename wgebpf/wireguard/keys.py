@@ -11,7 +11,7 @@ import binascii
 import os
 import re
 
-from wgebpf.crypto import DH_PUBKEY
+from wgebpf.wireguard.crypto import DH_PUBKEY
 
 __all__ = ["KEY_LEN", "KeyFormatError", "generate_private_key", "public_key",
            "generate_preshared_key", "encode", "decode", "to_hex", "from_hex"]

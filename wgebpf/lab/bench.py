@@ -1,7 +1,7 @@
 """`wgebpf bench`: wgebpf against wireguard-go, measured in one run.
 
 Every measurement runs on a fresh copy of the standard two-host topology
-of wgebpf.netns (two namespaces joined by one veth cable):
+of wgebpf.lab.netns (two namespaces joined by one veth cable):
 
       netns A                                   netns B
    +--------------------------+   tunnel    +--------------------------+

@@ -13,8 +13,8 @@ on the device.
 import errno
 import re
 
-from . import keys
-from .config import PEER_MARK_DEFAULT, SOURCE_POLICIES, peer_mark_conflict
+from ..wireguard import keys
+from ..wireguard.sourcepolicy import SOURCE_POLICIES, nftables_mark_conflict
 
 SET_WORDS = ("peer", "source-policy")
 
@@ -103,16 +103,6 @@ def apply(device, lines: list[str]) -> None:
             target.source_policy = policy
     if steps:
         device.dataplane.policy_changed()
-
-
-def nftables_mark_conflict(device, new_policies=()) -> str | None:
-    """PeerMark and FwMark may share no bits once any peer's policy is
-    nftables (config.peer_mark_conflict says why)."""
-    policies = {device.source_policy, *new_policies,
-                *(peer.source_policy for peer in device.peers.values())}
-    if "nftables" not in policies:
-        return None
-    return peer_mark_conflict(getattr(device, "peer_mark", PEER_MARK_DEFAULT), device.fwmark)
 
 
 def handler(device):

@@ -1,6 +1,6 @@
 """A crypto worker process: the data plane of the peers it owns.
 
-The control plane (workerpool.py) starts `python -m wgebpf.worker FD` and
+The control plane (dataplane/pool.py) starts `python -m wgebpf.dataplane.worker FD` and
 hands it, over the channel on FD, its UDP sockets (its position in each
 SO_REUSEPORT group) and one TUN queue per owned peer. From then on, for
 those peers only, this process:
@@ -28,11 +28,12 @@ import socket
 import sys
 import time
 
-from . import channel, send
-from .conn import receive_batch
-from .device import Device, LocalDataplane
-from .noise import Keypair
-from .timers import Timing
+from . import channel
+from ..wireguard import send
+from .udp import receive_batch
+from ..wireguard.device import Device, LocalDataplane
+from ..wireguard.noise import Keypair
+from ..wireguard.timers import Timing
 
 log = logging.getLogger("wgebpf")
 

@@ -1,6 +1,6 @@
 """`wgebpf demo`: wgebpf and wireguard-go talking, in two network namespaces.
 
-Builds the standard two-host topology of wgebpf.netns, starts wireguard-go on
+Builds the standard two-host topology of wgebpf.lab.netns, starts wireguard-go on
 host B and `wgebpf attach` on host A with the embedded default config below
 (fresh keys each run), sends pings (IPv4, IPv6, both ways) and a short iperf3
 through the tunnel, prints `wg show` of both sides, and removes everything.

@@ -80,7 +80,7 @@ def add_policy_counters(status: dict, device, policy, nft) -> None:
     (tc ingress and nftables) added to the per-peer and interface drops."""
     if policy is None:
         return
-    from .bpfmaps import POLICY_COUNTER_NAMES
+    from ..kernel.bpfmaps import POLICY_COUNTER_NAMES
     counts = policy.counters()
     nft_drops = nft.drops() if nft is not None else {}
     by_slot = {}
@@ -136,8 +136,8 @@ def map_entry_counts(parts) -> dict:
     """Entries in the maps keyed by peer prefix or receiver index (the
     array maps have a fixed size and cannot leak). None for a map whose
     loader is not running (e.g. --xdp off)."""
-    from .bpfmaps import MAP_PEERS4, MAP_PEERS6, MAP_RXINDEX
-    from .xdp_guard import MAP_INDEX
+    from ..kernel.bpfmaps import MAP_PEERS4, MAP_PEERS6, MAP_RXINDEX
+    from ..kernel.xdp_guard import MAP_INDEX
     sources = {MAP_PEERS4: getattr(parts, "classifier", None),
                MAP_PEERS6: getattr(parts, "classifier", None),
                MAP_RXINDEX: getattr(parts, "reuseport", None),

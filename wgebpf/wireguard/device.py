@@ -172,7 +172,7 @@ class Device:
             self._listen_port = port
 
     def set_fwmark(self, mark: int) -> None:
-        from .settings import nftables_mark_conflict
+        from .sourcepolicy import nftables_mark_conflict
         previous, self.fwmark = self.fwmark, mark
         problem = nftables_mark_conflict(self)
         if problem:

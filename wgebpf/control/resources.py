@@ -2,7 +2,7 @@
 (tests/test_churn.py, scripts/soak.py).
 
 Two views of the same things, so neither has to be trusted alone:
-  - `wgebpf status NAME` -> "resources" (wgebpf/status.py): what the control
+  - `wgebpf status NAME` -> "resources" (wgebpf/control/status.py): what the control
     plane counts itself: its session-index table, the entries of its
     eBPF maps, its TUN queues, and fds/RSS of itself and every worker;
   - the kernel's view: /proc/PID/fd and VmRSS for each process, and the

@@ -105,7 +105,7 @@ def render(name: str, device: dict, now: float | None = None, extra: dict | None
     out = [f"interface: {name}"]
     if device.get("private_key"):
         private = bytes.fromhex(device["private_key"])
-        from .keys import public_key
+        from ..wireguard.keys import public_key
         out.append(f"  public key: {base64.b64encode(public_key(private)).decode()}")
         out.append("  private key: (hidden)")
     out.append(f"  listening port: {device.get('listen_port', '0')}")

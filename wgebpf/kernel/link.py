@@ -415,3 +415,26 @@ def run_hooks(commands: list[str], name: str, timeout: float | None = None) -> N
             sys.stderr.write(proc.stderr)
         if proc.returncode != 0:
             raise HookError(cmd, proc.returncode, proc.stderr)
+
+
+def link_matches(ipr: IPRoute, ifindex: int, ifname: str | None) -> bool:
+    """Is ifindex still the device we recorded (and not a reused index)?"""
+    try:
+        dev = ipr.get_links(ifindex)[0]
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return False
+        raise
+    return ifname is None or dev.get("IFLA_IFNAME") == ifname
+
+
+def remove_tun(name: str) -> list[str]:
+    """Delete TUN device `name` that a dead instance left; never another
+    kind of link that happens to share the name."""
+    if not link_exists(name):
+        return [f"no link {name}"]
+    kind = link_kind(name)
+    if kind != "tun":
+        # Never delete someone's veth or bridge because it shares the name.
+        raise RuntimeError(f"link {name} is a {kind or 'physical device'}, not a TUN: left alone")
+    return [f"removed link {name}" if remove_link(name) else f"link {name} vanished by itself"]

@@ -19,22 +19,16 @@ Records other modules put in the file (build them with tc_record/xdp_record):
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
-import platform
 import signal
 import socket
 import stat
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field, fields
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
-from . import link
+from ..kernel import link, nftables, tc, xdp_guard
 
 RUN_DIR = "/run/wgebpf"
 SOCKET_DIR = "/var/run/wireguard"   # wg(8)'s UAPI directory, shared by all namespaces
@@ -128,23 +122,6 @@ class RuntimeState:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-
-def tc_record(ifindex: int, ifname: str, parent: str, *, prio: int | None = None,
-              handle: int | None = None, prog_id: int | None = None,
-              kind: str = "bpf", clsact: bool = False) -> dict:
-    """A tc_filters entry: a filter wgebpf added (and whether it added the clsact qdisc)."""
-    rec = {"ifindex": ifindex, "ifname": ifname, "parent": parent, "kind": kind, "clsact": clsact}
-    rec.update({k: v for k, v in (("prio", prio), ("handle", handle), ("prog_id", prog_id))
-                if v is not None})
-    return rec
-
-
-def xdp_record(ifindex: int, ifname: str, prog_id: int, mode: str) -> dict:
-    """The xdp entry: which program wgebpf attached where, in which mode."""
-    if mode not in _XDP_MODE_FLAGS:
-        raise ValueError(f"XDP mode must be one of {sorted(_XDP_MODE_FLAGS)}, not {mode!r}")
-    return {"ifindex": ifindex, "ifname": ifname, "prog_id": prog_id, "mode": mode}
 
 
 # --- processes -----------------------------------------------------------------
@@ -275,152 +252,9 @@ def _remove_socket(path: str, status: str) -> list[str]:
 
 
 def _remove_tun(name: str, socket_status: str) -> list[str]:
-    if not link.link_exists(name):
-        return [f"no link {name}"]
     if socket_status == "live":
         return [f"link {name} kept: a live process serves its UAPI socket"]
-    kind = link.link_kind(name)
-    if kind != "tun":
-        # Never delete someone's veth or bridge because it shares the name.
-        raise RuntimeError(f"link {name} is a {kind or 'physical device'}, not a TUN: left alone")
-    return [f"removed link {name}" if link.remove_link(name) else f"link {name} vanished by itself"]
-
-
-def _link_matches(ipr: IPRoute, ifindex: int, ifname: str | None) -> bool:
-    """Is ifindex still the device we recorded (and not a reused index)?"""
-    try:
-        dev = ipr.get_links(ifindex)[0]
-    except NetlinkError as e:
-        if e.code == errno.ENODEV:
-            return False
-        raise
-    return ifname is None or dev.get("IFLA_IFNAME") == ifname
-
-
-def _remove_tc(rec: dict) -> list[str]:
-    where = f"{rec.get('ifname') or rec['ifindex']} parent {rec.get('parent')}"
-    with IPRoute() as ipr:
-        if not _link_matches(ipr, rec["ifindex"], rec.get("ifname")):
-            return [f"tc on {where}: device gone"]
-        if rec.get("clsact"):
-            if not any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(rec["ifindex"])):
-                return [f"clsact on {rec.get('ifname')}: already gone"]
-            ipr.tc("del", "clsact", rec["ifindex"])
-            return [f"removed clsact qdisc (and its filters) on {rec.get('ifname')}"]
-        parent = rec["parent"]
-        matches = [f for f in ipr.get_filters(index=rec["ifindex"], parent=parent)
-                   if _filter_is(f, rec)]
-        if not matches:
-            return [f"tc filter on {where}: none of ours there (already gone)"]
-        prio = rec.get("prio") or (matches[0]["info"] >> 16)
-        kw = {"parent": parent, "prio": prio}
-        if rec.get("handle") is not None:
-            kw["handle"] = rec["handle"]
-        ipr.tc("del-filter", rec.get("kind", "bpf"), rec["ifindex"], **kw)
-        return [f"removed tc filter on {where} prio {prio}"]
-
-
-def _filter_is(f, rec: dict) -> bool:
-    # A filter dump lists one entry per filter chain header plus one per
-    # filter; only entries with options are real filters.
-    if not f.get_attr("TCA_OPTIONS"):
-        return False
-    if rec.get("prio") is not None and (f["info"] >> 16) != rec["prio"]:
-        return False
-    if rec.get("handle") is not None and f["handle"] != rec["handle"]:
-        return False
-    if rec.get("prog_id") is not None and _bpf_filter_prog_id(f) != rec["prog_id"]:
-        return False
-    return True
-
-
-_TCA_BPF_ID = 11
-
-
-def _bpf_filter_prog_id(f) -> int | None:
-    """TCA_BPF_ID of a bpf filter. pyroute2 0.9 does not decode it (it shows
-    up as UNKNOWN type 11), so read its 4 raw bytes from the message."""
-    opts = f.get_attr("TCA_OPTIONS")
-    if opts.get_attr("TCA_BPF_ID") is not None:
-        return opts.get_attr("TCA_BPF_ID")
-    for key, nla in opts["attrs"]:
-        if key == "UNKNOWN" and nla["header"]["type"] == _TCA_BPF_ID:
-            return int.from_bytes(nla.data[nla.offset + 4:nla.offset + 8], "little")
-    return None
-
-
-def _remove_nft(table: str) -> list[str]:
-    parts = table.split()
-    family, tname = (parts[0], parts[1]) if len(parts) == 2 else ("inet", parts[0])
-    proc = subprocess.run(["nft", "delete", "table", family, tname],
-                          capture_output=True, text=True)
-    if proc.returncode == 0:
-        return [f"removed nftables table {family} {tname}"]
-    if "No such file or directory" in proc.stderr:
-        return [f"nftables table {family} {tname}: already gone"]
-    raise RuntimeError(f"nft delete table {family} {tname}: {proc.stderr.strip()}")
-
-
-# XDP attach flags (<linux/if_link.h>) and the IFLA_XDP_*_PROG_ID per mode.
-_XDP_FLAGS_REPLACE = 1 << 4
-_XDP_MODE_FLAGS = {"generic": 1 << 1, "native": 1 << 2, "offload": 1 << 3}
-_XDP_MODE_ATTR = {"generic": "IFLA_XDP_SKB_PROG_ID", "native": "IFLA_XDP_DRV_PROG_ID",
-                  "offload": "IFLA_XDP_HW_PROG_ID"}
-
-
-def _xdp_attached(ipr: IPRoute, ifindex: int) -> dict[str, int]:
-    """mode -> attached program id on `ifindex`."""
-    xdp = ipr.get_links(ifindex)[0].get("IFLA_XDP")
-    if not xdp:
-        return {}
-    found = {m: xdp.get(attr) for m, attr in _XDP_MODE_ATTR.items() if xdp.get(attr)}
-    # With a single program the kernel reports only IFLA_XDP_PROG_ID and the mode.
-    mode = {1: "native", 2: "generic", 3: "offload"}.get(xdp.get("IFLA_XDP_ATTACHED"))
-    if mode and xdp.get("IFLA_XDP_PROG_ID"):
-        found.setdefault(mode, xdp.get("IFLA_XDP_PROG_ID"))
-    return found
-
-
-def _remove_xdp(rec: dict) -> list[str]:
-    where = rec.get("ifname") or rec["ifindex"]
-    with IPRoute() as ipr:
-        if not _link_matches(ipr, rec["ifindex"], rec.get("ifname")):
-            return [f"XDP on {where}: device gone"]
-        attached = _xdp_attached(ipr, rec["ifindex"])
-        mode = rec.get("mode") or next(
-            (m for m, pid in attached.items() if pid == rec["prog_id"]), "generic")
-        if attached.get(mode) != rec["prog_id"]:
-            now = attached.get(mode)
-            return [f"XDP on {where}: program {rec['prog_id']} not attached"
-                    + (f" (program {now} is, left alone)" if now else "")]
-        # XDP_FLAGS_REPLACE with the expected program makes the kernel detach
-        # only if ours is still the one attached, closing the check-then-act race.
-        prog_fd = _bpf_prog_fd_by_id(rec["prog_id"])
-        try:
-            ipr.link("set", index=rec["ifindex"], xdp={"attrs": [
-                ("IFLA_XDP_FD", -1),
-                ("IFLA_XDP_FLAGS", _XDP_MODE_FLAGS[mode] | _XDP_FLAGS_REPLACE),
-                ("IFLA_XDP_EXPECTED_FD", prog_fd)]})
-        finally:
-            os.close(prog_fd)
-    return [f"removed XDP program {rec['prog_id']} ({mode}) from {where}"]
-
-
-_BPF_PROG_GET_FD_BY_ID = 13
-_SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280}   # bpf(2) syscall numbers
-
-
-def _bpf_prog_fd_by_id(prog_id: int) -> int:
-    nr = _SYS_BPF.get(platform.machine())
-    if nr is None:
-        raise OSError(errno.ENOSYS, f"bpf(2) syscall number unknown on {platform.machine()}")
-    libc = ctypes.CDLL(None, use_errno=True)
-    attr = ctypes.create_string_buffer(prog_id.to_bytes(4, "little"), 16)
-    fd = libc.syscall(nr, _BPF_PROG_GET_FD_BY_ID, attr, len(attr))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF program {prog_id}: {os.strerror(err)}")
-    return fd
+    return link.remove_tun(name)
 
 
 # --- detach ----------------------------------------------------------------------
@@ -473,11 +307,11 @@ def detach(name: str, timeout: float = 10.0) -> list[str]:
         if st.routes:
             step("removing routes", link.remove_routes, st.routes)
         for rec in st.tc_filters:
-            step(f"removing tc filter {rec}", _remove_tc, rec)
+            step(f"removing tc filter {rec}", tc.remove_filter, rec)
         for table in st.nft_tables:
-            step(f"removing nftables table {table}", _remove_nft, table)
+            step(f"removing nftables table {table}", nftables.remove_table, table)
         if st.xdp:
-            step("removing XDP program", _remove_xdp, st.xdp)
+            step("removing XDP program", xdp_guard.remove_xdp, st.xdp)
 
     if st is not None:
         if failures:

@@ -25,7 +25,7 @@ import ctypes
 
 
 from . import bpfmaps as m
-from .config import PEER_MARK_DEFAULT, peer_mark_error
+from ..wireguard.sourcepolicy import PEER_MARK_DEFAULT, peer_mark_error
 from . import tc
 from .nexthop import NextHopClassifier, _check_slot
 from .tc import TC_PARENT_INGRESS

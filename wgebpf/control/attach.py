@@ -13,22 +13,24 @@ import selectors
 import signal
 import socket
 
-from . import link, send, settings, status
+from ..kernel import link
+from ..wireguard import send
+from . import settings, status
 from .config import Config
-from .conn import UDPConn
-from .device import Device
-from .messages import DEFAULT_MTU
+from ..dataplane.udp import UDPConn
+from ..wireguard.device import Device
+from ..wireguard.messages import DEFAULT_MTU
 from .state import RuntimeState
-from .timers import Timing
-from .tun import Tun
-from .nexthop import NextHopClassifier
-from .nftables import NftSourceFilter
-from .policy import SourcePolicy
-from .reuseport import ReuseportSteering
-from .tun_steer import TunSteering
+from ..wireguard.timers import Timing
+from ..dataplane.tun import Tun
+from ..kernel.nexthop import NextHopClassifier
+from ..kernel.nftables import NftSourceFilter
+from ..kernel.policy import SourcePolicy
+from ..kernel.reuseport import ReuseportSteering
+from ..kernel.tun_steer import TunSteering
 from .uapi import UAPIServer
-from .workerpool import WorkerPool, default_workers
-from .xdp_guard import XdpGuard
+from ..dataplane.pool import WorkerPool, default_workers
+from ..kernel.xdp_guard import XdpGuard
 
 log = logging.getLogger("wgebpf")
 

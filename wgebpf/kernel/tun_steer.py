@@ -8,8 +8,17 @@ packets over the queues by flow hash, i.e. over arbitrary peers.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from . import bpfmaps as m
-from .tun import Tun
+
+
+class SteerableTun(Protocol):
+    """What steering needs of the TUN device (dataplane/tun.py's Tun)."""
+
+    fds: list
+
+    def set_steering_program(self, prog_fd: int) -> None: ...
 
 
 class TunSteering:
@@ -19,7 +28,7 @@ class TunSteering:
     second compile); without one, tun_steer.c is compiled on its own.
     """
 
-    def __init__(self, tun: Tun, classifier=None):
+    def __init__(self, tun: SteerableTun, classifier=None):
         self.tun = tun
         self.bpf = None
         if classifier is not None:

@@ -29,8 +29,9 @@ import subprocess
 import sys
 import time
 
-from . import channel, send
-from .device import DeviceError
+from . import channel
+from ..wireguard import send
+from ..wireguard.device import DeviceError
 from .worker import (AUTH_RECEIVED, AUTH_SENT, DATA_RECEIVED, DATA_SENT, EVENT_ORDER,
                      TRAVERSAL)
 
@@ -93,7 +94,7 @@ class WorkerPool:
     def _spawn(self, worker: WorkerHandle) -> None:
         ours, theirs = channel.pair()
         worker.process = subprocess.Popen(
-            [sys.executable, "-m", "wgebpf.worker", str(theirs.fileno())],
+            [sys.executable, "-m", "wgebpf.dataplane.worker", str(theirs.fileno())],
             pass_fds=[theirs.fileno()], close_fds=True)
         theirs.close()
         worker.started = time.monotonic()

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+# The C sources: the repository's bpf/, which the package carries as
+# wgebpf/bpf (a link in the source tree, real files in a wheel).
 BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
 COMMON_H = os.path.join(BPF_DIR, "common.h")
 
@@ -221,6 +223,7 @@ def _read(path: str) -> str:
 # ---- bpf() syscalls bcc does not wrap ---------------------------------------
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280}.get(platform.machine(), 321)
+_BPF_PROG_GET_FD_BY_ID = 13
 _BPF_OBJ_GET_INFO_BY_FD = 15
 _BPF_ENABLE_STATS = 32
 _BPF_STATS_RUN_TIME = 0
@@ -258,6 +261,23 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return ret
+
+
+def bpf(cmd: int, attr: ctypes.Structure) -> int:
+    """bpf(2) with `attr`; its return value, or OSError. The project's one
+    way into the syscall for what bcc does not wrap."""
+    return _bpf(cmd, attr)
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """A new fd for the loaded program `prog_id` (close it)."""
+    class Attr(ctypes.Structure):
+        _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
+                    ("open_flags", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+    try:
+        return _bpf(_BPF_PROG_GET_FD_BY_ID, Attr(prog_id, 0, 0, 0))
+    except OSError as e:
+        raise OSError(e.errno, f"BPF program {prog_id}: {e.strerror}") from None
 
 
 def prog_info(fd: int) -> ProgInfo:

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from .icmp import checksum
+from ..wireguard.icmp import checksum
 
 KINDS = ("random", "badlength", "data", "junk", "initiation", "initiation-mac1")
 MAX_SECONDS = 10.0
@@ -56,7 +56,7 @@ BATCH = 64
 ALLOWED = tuple(ipaddress.ip_network(n) for n in (
     "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32", "127.0.0.0/8"))
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,8 @@ def initiation(rng: random.Random, public_key: bytes | None = None) -> bytes:
     body = wg_header(1, rng.getrandbits(32)) + rng.randbytes(32 + 48 + 28)
     if public_key is None:
         return body + rng.randbytes(16) + bytes(16)
-    from .cookie import mac1_key
-    from .crypto import MAC
+    from ..wireguard.cookie import mac1_key
+    from ..wireguard.crypto import MAC
     return body + MAC(mac1_key(public_key), body) + bytes(16)
 
 
@@ -322,7 +322,7 @@ def start_flood(ns, target: str, port: int, kind: str, seconds: float = MAX_SECO
     check_address(target)
     if source is not None:
         check_address(source)
-    argv = [sys.executable, "-m", "wgebpf.flood", "--target", target, "--port", str(port),
+    argv = [sys.executable, "-m", "wgebpf.lab.flood", "--target", target, "--port", str(port),
             "--kind", kind, "--seconds", str(seconds), "--max-packets", str(max_packets)]
     if source is not None:
         argv += ["--source", source]
@@ -356,7 +356,7 @@ def flood(ns, target: str, port: int, kind: str, seconds: float = MAX_SECONDS,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wgebpf.flood", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m wgebpf.lab.flood", description=__doc__.split("\n")[0])
     p.add_argument("--target", required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--kind", choices=KINDS, required=True)

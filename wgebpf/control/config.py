@@ -40,7 +40,10 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from typing import Callable
 
-from wgebpf import keys
+from ..wireguard.sourcepolicy import (PEER_MARK_DEFAULT, SOURCE_POLICIES, peer_mark_conflict,
+                                      peer_mark_error)
+
+from ..wireguard import keys
 
 __all__ = ["ConfigError", "PeerConfig", "InterfaceConfig", "Config", "parse", "load",
            "format_config", "parse_endpoint", "parse_metrics", "route_table_id", "redact_keys",
@@ -48,14 +51,9 @@ __all__ = ["ConfigError", "PeerConfig", "InterfaceConfig", "Config", "parse", "l
            "peer_mark_error", "peer_mark_conflict"]
 
 PEER_SELECTIONS = ("nexthop", "allowedips")
-SOURCE_POLICIES = ("allowedips", "fib", "nftables", "off")
 # One TUN queue per peer and the kernel's limit of 256 queues per device
 # bound the useful number of workers.
 MAX_WORKERS = 256
-# Where the nftables policy puts the peer's slot in the mark: the top byte,
-# far from the low bits fwmark-based setups usually take.
-PEER_MARK_DEFAULT = 0xFF000000
-PEER_MARK_MIN_BITS = 8      # slots are 1..255
 MTU_MIN_IPV4 = 576
 MTU_MIN_IPV6 = 1280   # RFC 8200: a link carrying IPv6 must take 1280 bytes
 MTU_MAX = 65535
@@ -264,30 +262,6 @@ def _u32(value: str, words: str = "") -> int:
     if number > 0xFFFFFFFF:
         raise _Invalid(f"{_quote(value)} does not fit in 32 bits")
     return number
-
-
-def peer_mark_error(mask: int) -> str | None:
-    """Why `mask` cannot hold a peer slot (as PeerMark), or None if it can."""
-    if not 0 < mask <= 0xFFFFFFFF:
-        return "must be a nonzero 32-bit mask"
-    low = mask // (mask & -mask)            # the run shifted down to bit 0
-    if low & (low + 1):
-        return "is not one contiguous run of bits"
-    if low.bit_length() < PEER_MARK_MIN_BITS:
-        return (f"has {low.bit_length()} bits; a peer slot (1..255) needs "
-                f"{PEER_MARK_MIN_BITS}")
-    return None
-
-
-def peer_mark_conflict(mask: int, fwmark: int) -> str | None:
-    """Why PeerMark `mask` and FwMark cannot go together under the nftables
-    policy (see the module docstring), or None."""
-    shared = mask & fwmark
-    if not shared:
-        return None
-    return (f"PeerMark {mask:#x} shares bits {shared:#x} with FwMark {fwmark:#x}: with the "
-            f"nftables source policy a peer's packets would carry FwMark's bits and routing "
-            f"rules on FwMark would take them for the tunnel's own")
 
 
 def _peer_mark(value: str) -> int:

@@ -55,7 +55,7 @@ from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFami
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from . import __version__
+from .. import __version__
 
 log = logging.getLogger("wgebpf")
 

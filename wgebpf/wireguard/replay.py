@@ -13,7 +13,7 @@ highest accepted counter plus one, so 0 means "nothing received yet". That
 keeps the initial state all zeros, as in the kernel.
 """
 
-from wgebpf.messages import REJECT_AFTER_MESSAGES
+from wgebpf.wireguard.messages import REJECT_AFTER_MESSAGES
 
 __all__ = ["ReplayWindow", "COUNTER_BITS_TOTAL", "COUNTER_REDUNDANT_BITS",
            "COUNTER_WINDOW_SIZE"]

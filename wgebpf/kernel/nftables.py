@@ -53,13 +53,15 @@ control plane calls it.
 
 from __future__ import annotations
 
+import subprocess
+
 import ipaddress
 import json
 from typing import Iterable
 
 import nftables as libnft
 
-from .config import PEER_MARK_DEFAULT
+from ..wireguard.sourcepolicy import PEER_MARK_DEFAULT
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -362,3 +364,16 @@ def _clean(comment: str) -> str:
 
 def _json_text(value: object) -> str:
     return json.dumps(value)
+
+
+def remove_table(table: str) -> list[str]:
+    """Delete the table `wgebpf detach` found recorded ("inet NAME")."""
+    parts = table.split()
+    family, tname = (parts[0], parts[1]) if len(parts) == 2 else ("inet", parts[0])
+    proc = subprocess.run(["nft", "delete", "table", family, tname],
+                          capture_output=True, text=True)
+    if proc.returncode == 0:
+        return [f"removed nftables table {family} {tname}"]
+    if "No such file or directory" in proc.stderr:
+        return [f"nftables table {family} {tname}: already gone"]
+    raise RuntimeError(f"nft delete table {family} {tname}: {proc.stderr.strip()}")
