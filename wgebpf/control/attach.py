@@ -130,14 +130,14 @@ class Attachment:
         self._guard_underlay()
         self.pool = WorkerPool(self.device, self.tun, self.conn, workers, self.classifier,
                                self.reuseport, self.selector, self.policy, self._nft_filter)
-        self.device.dataplane = self.pool
+        self.device.attach_dataplane(self.pool)
         configure_device(self.device, self.config)
         self.pool.policy_changed()
         self.pool.start()
         self._dishonest: dict[int, tuple[int, float]] = {}
         self._policy_timer = self.device.scheduler.timer(self._watch_policy_drops)
         self._policy_timer.mod(1.0)
-        self.conn.on_rebind = self._sockets_changed
+        self.conn.watch_rebind(self._sockets_changed)
         self.uapi = UAPIServer(self.name, self.device, self.device.lock)
         self.uapi.extensions["wgebpf-status=1"] = status.handler(self.device, self)
         self.uapi.extensions["wgebpf-set=1"] = settings.handler(self.device)
@@ -227,10 +227,10 @@ class Attachment:
         if self.xdp.replaced:
             log.warning("%s: replaced XDP program %s on %s (--force)", self.name,
                         self.xdp.replaced, self.underlay)
-        self.device.index_watchers.append(self.xdp)
-        self.device.external_load = self.xdp.under_load
+        self.device.add_index_watcher(self.xdp)
+        self.device.watch_external_load(self.xdp.under_load)
         self.device.cookie_checker.on_new_secret = self.xdp.set_cookie_secret
-        self.device.identity_changed = lambda: self.xdp.set_public_key(self.device.public_key)
+        self.device.watch_identity(lambda: self.xdp.set_public_key(self.device.public_key))
         log.info("%s: XDP guard on %s (%s mode)", self.name, self.underlay, self.xdp.mode)
 
     def _sockets_changed(self) -> None:

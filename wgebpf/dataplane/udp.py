@@ -4,6 +4,7 @@ the underlay interface, marked with FwMark."""
 import errno
 import logging
 import socket
+from typing import Callable
 
 log = logging.getLogger("wgebpf")
 
@@ -40,12 +41,12 @@ class UDPConn:
     """The listen port's sockets: `group` sockets per family, joined in the
     same order into an SO_REUSEPORT group (position 0 is the control
     plane's, position k worker k's), so one reuseport program steers both
-    families alike. `steering` (reuseport.py) is attached to each group."""
-
-    on_rebind = None
+    families alike. `steering` (reuseport.py) is attached to each group.
+    A wireguard.seams.ListenSocket."""
 
     def __init__(self, port: int = 0, underlay: str | None = None, fwmark: int = 0,
                  group: int = 1, steering=None):
+        self.on_rebind: Callable[[], None] | None = None    # see watch_rebind
         self.underlay = underlay
         self.fwmark = fwmark
         self.group = group
@@ -116,6 +117,12 @@ class UDPConn:
             self.listen_port = chosen
             return
         raise OSError(errno.EADDRINUSE, "no free UDP port for both IPv4 and IPv6")
+
+    def watch_rebind(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` after every successful rebind: control/attach.py
+        hands the new sockets to the workers and the new port to the XDP
+        guard."""
+        self.on_rebind = callback
 
     def rebind(self, port: int) -> None:
         old = self.groups

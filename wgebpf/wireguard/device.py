@@ -1,10 +1,13 @@
 """The WireGuard interface: identity, peers, session indices, and the settings
 the UAPI and the config change.
 
-The device owns no socket or TUN itself: it is handed a `tun` (anything with
-`write(packet)`) and a `conn` (anything with `send(data, endpoint)`), so two
-devices can handshake over in-memory fakes in a unit test and over the real
-kernel in production. Packets flow through send.py and receive.py.
+The device owns no socket or TUN itself: it is handed a `tun` (a
+seams.PacketSink) and a `conn` (a seams.DatagramSender, or a ListenSocket
+where ListenPort and FwMark can change), so two devices can handshake over
+in-memory fakes in a unit test and over the real kernel in production.
+Packets flow through send.py and receive.py. Everything else it reaches
+outside itself goes through the seams declared in seams.py and attached
+with the `attach_*`/`add_*`/`watch_*` methods of Device.
 """
 
 import collections
@@ -23,6 +26,8 @@ from .peer import Peer
 from .ratelimiter import RateLimiter
 from .histogram import HANDSHAKE_DURATION_BUCKETS, Histogram
 from .scheduler import Clock, Scheduler
+from .seams import (Dataplane, DatagramSender, IdentityListener, IndexWatcher, ListenSocket,
+                    LoadProbe, PacketSink, TimerActions)
 from .timers import Timing
 
 log = logging.getLogger("wgebpf")
@@ -39,7 +44,7 @@ class DeviceError(OSError):
 
 
 class _Actions:
-    """What timers may do to a peer; a seam so timers stay unit-testable."""
+    """What timers may do to a peer, in one process (a seams.TimerActions)."""
 
     def __init__(self, device: "Device"):
         self.device = device
@@ -60,8 +65,9 @@ class _Actions:
 
 
 class LocalDataplane:
-    """Sessions live in this process (unit tests, and the reference for
-    workerpool.WorkerPool, which implements the same hooks across processes)."""
+    """Sessions live in this process (a seams.Dataplane): unit tests, and the
+    reference for dataplane/pool.py's WorkerPool, which implements the same
+    hooks across processes."""
 
     def __init__(self, device: "Device"):
         self.device = device
@@ -103,20 +109,44 @@ class LocalDataplane:
 
 
 class Device:
+    """One WireGuard interface. Its seams (seams.py), each with a default
+    that keeps everything in this process:
+
+      tun, conn        given to the constructor
+      actions          what peer timers do (attach_actions; a worker's)
+      dataplane        where sessions live (attach_dataplane; the worker
+                       pool in the control plane, a worker's own in a worker)
+      index_watchers   mirrors of the live indices (add_index_watcher; the
+                       XDP guard, a worker)
+      external_load    an under-load view besides our own count
+                       (watch_external_load; the XDP guard)
+      identity_listeners  told when the private key changes
+                       (watch_identity; the XDP guard, for mac1)
+      worker           set by dataplane/worker.py in a worker process, for
+                       its WorkerDataplane; never read here
+    """
+
     def __init__(self, name: str = "wgebpf0", private_key: bytes | None = None, *,
-                 clock: Clock | None = None, tun=None, conn=None, timing: Timing | None = None,
+                 clock: Clock | None = None, tun: PacketSink | None = None,
+                 conn: DatagramSender | None = None, timing: Timing | None = None,
                  addresses=(), mtu: int = 1420):
         self.name = name
         self.clock = clock or Clock()
         self.scheduler = Scheduler(self.clock)
         self.timing = timing or Timing()
-        self.actions = _Actions(self)
-        self.dataplane = LocalDataplane(self)
+        self.actions: TimerActions = _Actions(self)
+        self.dataplane: Dataplane = LocalDataplane(self)
+        # Set by dataplane/worker.py (its WorkerDataplane reads it to reach
+        # the worker's outbox); None outside a worker. The protocol core
+        # never reads it.
+        self.worker: object | None = None
         self.source_policy = "allowedips"
         self.peer_selection = "allowedips"
         self.identity = StaticIdentity(private_key)
-        self.tun = tun
-        self.conn = conn
+        self.tun: PacketSink | None = tun
+        # A ListenSocket wherever ListenPort or FwMark can be set; a worker's
+        # conn only sends (workers never change settings).
+        self.conn: DatagramSender | ListenSocket | None = conn
         self.mtu = mtu
         self.addresses = list(addresses)
         self.fwmark = 0
@@ -124,19 +154,53 @@ class Device:
         self.peers: dict[bytes, Peer] = {}
         self.allowed_ips = AllowedIPs()
         self.indices: dict[int, tuple] = {}
-        self.index_watchers: list = []
+        self.index_watchers: list[IndexWatcher] = []
         self.ratelimiter = RateLimiter(clock=self.clock.monotonic)
         self.cookie_checker = CookieChecker(self.identity.public_key, self.clock,
                                             self.ratelimiter.allow)
         self.force_under_load = False
-        self.external_load = lambda: False      # the XDP guard's view, when attached
-        self.identity_changed = lambda: None
+        self.external_load: LoadProbe = lambda: False
+        self.identity_listeners: list[IdentityListener] = []
         self._handshake_times: collections.deque = collections.deque()
         self._last_under_load = -1e18
         self.drops: collections.Counter = collections.Counter()
         self._last_watcher_warning = -1e18
         self.handshake_durations = Histogram(HANDSHAKE_DURATION_BUCKETS)
         self.lock = threading.RLock()
+
+    # --- seams: who attaches what (seams.py) ------------------------------------------
+
+    def attach_dataplane(self, dataplane: Dataplane) -> None:
+        """Where sessions live from now on: control/attach.py gives the
+        WorkerPool, dataplane/worker.py its WorkerDataplane. Before any peer
+        is added, so no session is left behind in the old one."""
+        self.dataplane = dataplane
+
+    def attach_actions(self, actions: TimerActions) -> None:
+        """What peer timers do: dataplane/worker.py's WorkerActions ask the
+        control plane for a handshake instead of running one. Before any
+        peer is added: a Peer's Timers keep the actions they were made with."""
+        self.actions = actions
+
+    def add_index_watcher(self, watcher: IndexWatcher) -> None:
+        """Mirror live receiver indices into `watcher` from now on (the XDP
+        guard from control/attach.py, a worker from dataplane/worker.py).
+        Indices already live are not replayed to it."""
+        self.index_watchers.append(watcher)
+
+    def watch_external_load(self, probe: LoadProbe) -> None:
+        """Also count as under load while `probe()` is true: the XDP guard's
+        view of the handshake rate (control/attach.py)."""
+        self.external_load = probe
+
+    def watch_identity(self, listener: IdentityListener) -> None:
+        """Call `listener()` after every change of the private key (the XDP
+        guard recomputes mac1 with the new public key; control/attach.py)."""
+        self.identity_listeners.append(listener)
+
+    def identity_changed(self) -> None:
+        for listener in self.identity_listeners:
+            listener()
 
     # --- identity and socket settings -------------------------------------------
 

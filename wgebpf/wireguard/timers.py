@@ -27,6 +27,7 @@ import os
 import random
 from dataclasses import dataclass
 
+from .seams import TimerActions
 from .messages import (KEEPALIVE_TIMEOUT, MAX_TIMER_HANDSHAKES, REJECT_AFTER_TIME,
                        REKEY_AFTER_TIME, REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX)
 
@@ -49,10 +50,10 @@ class Timing:
 
 
 class Timers:
-    def __init__(self, peer, scheduler, actions, timing: Timing, rng=random.random):
-        """`actions` provides send_handshake_initiation(peer, retry),
-        send_keepalive(peer), zero_key_material(peer) and
-        handshake_gave_up(peer)."""
+    def __init__(self, peer, scheduler, actions: TimerActions, timing: Timing,
+                 rng=random.random):
+        """`actions` (seams.TimerActions) is what expiring timers do: the
+        device's own in one process, a worker's in a worker."""
         self.peer = peer
         self.actions = actions
         self.timing = timing
