@@ -1,13 +1,20 @@
 """The control plane <-> worker channel: one SOCK_SEQPACKET socketpair per
-worker, one pickled tuple per message, file descriptors (TUN queues, UDP
-sockets) passed alongside with SCM_RIGHTS.
+worker, one pickled message (a dataclass from commands.py) per datagram,
+file descriptors (TUN queues, UDP sockets) passed alongside with SCM_RIGHTS.
 
 Both ends are our own processes, started by the control plane, so pickle is
-safe here; nothing from the network ever reaches it.
+safe here; nothing from the network ever reaches it. Still, the receiving
+side only rebuilds the classes a message may hold (commands.py's, and the
+replay window inside keypair state), so a stray or corrupted datagram
+cannot make it import or call anything else.
 """
 
+import io
 import pickle
 import socket
+
+from . import commands
+from ..wireguard.replay import ReplayWindow
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 16
@@ -25,7 +32,20 @@ def pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def send(sock: socket.socket, message: tuple, fds: list[int] = ()) -> None:
+_ALLOWED_CLASSES = {(cls.__module__, cls.__qualname__): cls
+                    for cls in (*commands.TO_WORKER, *commands.TO_CONTROL,
+                                commands.MovedKeypair, commands.PeerTraffic, ReplayWindow)}
+
+
+class _MessageUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        cls = _ALLOWED_CLASSES.get((module, name))
+        if cls is None:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a channel message class")
+        return cls
+
+
+def send(sock: socket.socket, message, fds: list[int] = ()) -> None:
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     try:
         if fds:
@@ -36,7 +56,7 @@ def send(sock: socket.socket, message: tuple, fds: list[int] = ()) -> None:
         raise ChannelClosed(str(exc)) from exc
 
 
-def receive(sock: socket.socket) -> tuple[tuple, list[int]] | None:
+def receive(sock: socket.socket) -> tuple[object, list[int]] | None:
     """One message and its fds; None if none is waiting (non-blocking socket)."""
     try:
         data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
@@ -46,4 +66,4 @@ def receive(sock: socket.socket) -> tuple[tuple, list[int]] | None:
         raise ChannelClosed(str(exc)) from exc
     if not data:
         raise ChannelClosed("peer process closed the channel")
-    return pickle.loads(data), fds
+    return _MessageUnpickler(io.BytesIO(data)).load(), fds

@@ -30,6 +30,10 @@ import sys
 import time
 
 from . import channel
+from .commands import (EndpointLearned, HandshakeConfirmed, Init, InstallKeypair, NeedHandshake,
+                       PeerAdd, PeerRemove, PeerState, PurgeStaged, ReleasedIndices,
+                       ReplaceSockets, SendKeepalive, SendStaged, SetEndpoint, SocketsDone, Stats,
+                       StatsRequest, Stop, TimerEvents, ZeroKeys)
 from ..wireguard import send
 from ..wireguard.device import DeviceError
 from .worker import (AUTH_RECEIVED, AUTH_SENT, DATA_RECEIVED, DATA_SENT, EVENT_ORDER,
@@ -45,6 +49,16 @@ MAX_BACKOFF = 8.0
 
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) or 1
+
+
+def launch_process(theirs) -> subprocess.Popen:
+    """Start a worker process on its end of the channel (the default
+    WorkerPool launcher; tests run Worker objects in-process instead)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wgebpf.dataplane.worker", str(theirs.fileno())],
+        pass_fds=[theirs.fileno()], close_fds=True)
+    theirs.close()
+    return process
 
 
 class WorkerHandle:
@@ -66,7 +80,7 @@ class WorkerHandle:
 
 class WorkerPool:
     def __init__(self, device, tun, conn, count: int, classifier=None, reuseport=None,
-                 selector=None, policy=None, nft_factory=None):
+                 selector=None, policy=None, nft_factory=None, launcher=launch_process):
         self.device = device
         self.tun = tun
         self.conn = conn
@@ -80,7 +94,25 @@ class WorkerPool:
         self.peer_by_slot: dict[int, object] = {}
         self.worker_of: dict[int, WorkerHandle] = {}
         self.pending_moves: dict[int, WorkerHandle] = {}
+        # Messages for a peer that is being moved: its old worker has let
+        # it go and its new one does not have it yet, so they wait for the
+        # new worker, after the peer itself (_on_peer_state).
+        self.held_for_move: dict[int, list] = {}
         self.stopping = False
+        self.launcher = launcher            # (its channel end) -> a Popen-like process
+        # Uptime and restart back-off read the device's clock, so tests can
+        # drive them with a FakeClock.
+        self.clock = device.clock
+        self.handlers = {
+            TimerEvents: self._on_events,
+            NeedHandshake: self._on_need_handshake,
+            HandshakeConfirmed: self._on_confirmed,
+            EndpointLearned: self._on_endpoint,
+            ReleasedIndices: self._on_released,
+            SocketsDone: self._on_sockets_done,
+            PeerState: self._on_peer_state,
+            Stats: self._on_stats,
+        }
 
     # --- worker processes ---------------------------------------------------------
 
@@ -88,18 +120,12 @@ class WorkerPool:
         for worker in self.workers:
             self._spawn(worker)
 
-    def _settings(self) -> dict:
-        return {"name": self.device.name, "mtu": self.device.mtu}
-
     def _spawn(self, worker: WorkerHandle) -> None:
         ours, theirs = channel.pair()
-        worker.process = subprocess.Popen(
-            [sys.executable, "-m", "wgebpf.dataplane.worker", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], close_fds=True)
-        theirs.close()
-        worker.started = time.monotonic()
+        worker.process = self.launcher(theirs)
+        worker.started = self.clock.monotonic()
         worker.control = ours
-        channel.send(ours, ("init", worker.position, self._settings()),
+        channel.send(ours, Init(worker.position, self.device.name, self.device.mtu),
                      [s.fileno() for s in self.conn.position(worker.position)])
         ours.setblocking(False)
         if self.selector is not None:
@@ -107,7 +133,7 @@ class WorkerPool:
         for slot in sorted(worker.slots):
             self._send_peer(worker, self.peer_by_slot[slot])
 
-    def _send(self, worker: WorkerHandle, message: tuple, fds=()) -> None:
+    def _send(self, worker: WorkerHandle, message, fds=()) -> None:
         if worker.control is None:
             return                  # not started yet: _spawn sends it everything
         try:
@@ -120,7 +146,7 @@ class WorkerPool:
         for worker in self.workers:
             if worker.process is None:
                 continue
-            self._send(worker, ("stop",))
+            self._send(worker, Stop())
         for worker in self.workers:
             if worker.process is None:
                 continue
@@ -154,16 +180,27 @@ class WorkerPool:
         self._close_control(worker)
         worker.restarts += 1
         worker.busy_before_restart = worker.busy_seconds
+        self._cancel_moves_from(worker)
         for slot in worker.slots:
             self._forget_sessions(self.peer_by_slot[slot])
         # A worker that keeps dying at once must not spin the control plane.
-        quick = time.monotonic() - worker.started < MIN_UPTIME
+        quick = self.clock.monotonic() - worker.started < MIN_UPTIME
         worker.backoff = min(max(worker.backoff * 2, 0.25), MAX_BACKOFF) if quick else 0.0
         if worker.backoff:
             worker.restart_timer = self.device.scheduler.timer(lambda: self._restart(worker))
             worker.restart_timer.mod(worker.backoff)
         else:
             self._restart(worker)
+
+    def _cancel_moves_from(self, worker: WorkerHandle) -> None:
+        """A worker that dies while handing a peer over never sends its
+        state: the move is called off and the peer stays with it, to
+        re-handshake after the restart like its other peers. What was held
+        for the move concerns sessions that died with the worker."""
+        for slot in [s for s in self.pending_moves if self.worker_of.get(s) is worker]:
+            del self.pending_moves[slot]
+            self.held_for_move.pop(slot, None)
+            worker.slots.add(slot)
 
     def _restart(self, worker: WorkerHandle) -> None:
         if self.stopping:
@@ -200,8 +237,8 @@ class WorkerPool:
             self.classifier.set_queue_count(len(self.tun.fds))
         return self.tun.fds[slot]
 
-    def _send_peer(self, worker: WorkerHandle, peer, state=None) -> None:
-        self._send(worker, ("peer_add", peer.queue, peer.public_key, peer.endpoint, state),
+    def _send_peer(self, worker: WorkerHandle, peer, keypairs=()) -> None:
+        self._send(worker, PeerAdd(peer.queue, peer.public_key, peer.endpoint, tuple(keypairs)),
                    [self._queue_fd(peer.queue)])
 
     def peer_added(self, peer) -> None:
@@ -223,6 +260,7 @@ class WorkerPool:
         # Being moved: the old worker has already let it go (rebalance) and
         # its state, when it comes, finds no peer and is dropped.
         moving = self.pending_moves.pop(slot, None) is not None
+        self.held_for_move.pop(slot, None)
         if self.classifier is not None:
             self.classifier.remove_peer(slot)
         if self.policy is not None:
@@ -232,7 +270,7 @@ class WorkerPool:
         if worker is not None:
             worker.slots.discard(slot)
             if worker.control is not None and not moving:
-                self._send(worker, ("peer_remove", slot, False))
+                self._send(worker, PeerRemove(slot, export=False))
         self._forget_sessions(peer)
         self.rebalance()
 
@@ -246,21 +284,24 @@ class WorkerPool:
         slot = max(busiest.slots)
         busiest.slots.discard(slot)
         self.pending_moves[slot] = idlest
-        self._send(busiest, ("peer_remove", slot, True))
+        self._send(busiest, PeerRemove(slot, export=True))
 
-    def _peer_state(self, worker: WorkerHandle, slot: int, state, staged) -> None:
+    def _on_peer_state(self, worker: WorkerHandle, message: PeerState) -> None:
+        slot = message.slot
         target = self.pending_moves.pop(slot, None)
         peer = self.peer_by_slot.get(slot)
         if target is None or peer is None:
             return
         target.slots.add(slot)
         self.worker_of[slot] = target
-        self._send_peer(target, peer, state)
+        self._send_peer(target, peer, message.keypairs)
         if self.reuseport is not None:
-            for keypair_state, _ in state or []:
-                self.reuseport.set_index(keypair_state["local_index"], target.position)
-        if staged:
-            self._send(target, ("staged", slot, staged))
+            for moved in message.keypairs:
+                self.reuseport.set_index(moved.state["local_index"], target.position)
+        if message.staged:
+            self._send(target, SendStaged(slot, message.staged))
+        for held in self.held_for_move.pop(slot, ()):
+            self._send(target, held)
         log.info("%s: moved peer slot %d from worker %d to worker %d", self.device.name,
                  slot, worker.position, target.position)
 
@@ -294,13 +335,14 @@ class WorkerPool:
     def sockets_changed(self) -> None:
         """New listen port: hand out the new sockets and wait until every
         worker has closed its old ones (so the old port is free on return)."""
-        self._round_trip(lambda worker: ("sockets",), "sockets_done",
+        self._round_trip(lambda worker: ReplaceSockets(), SocketsDone,
                          lambda worker: [s.fileno() for s in self.conn.position(worker.position)])
 
     # --- the hooks the protocol code calls -------------------------------------------
 
     def install_keypair(self, peer, keypair) -> None:
-        worker = self.worker_of.get(peer.queue)
+        # A peer being moved gets its new session on the worker it moves to.
+        worker = self.pending_moves.get(peer.queue) or self.worker_of.get(peer.queue)
         if worker is None:
             return
         if self.reuseport is not None:
@@ -314,39 +356,42 @@ class WorkerPool:
                 self.device.drop("index_refused", peer)
                 keypair.zero()
                 return
-        self._send(worker, ("keypair", peer.queue, keypair.export()))
+        self._to_owner(peer, InstallKeypair(peer.queue, keypair.export()))
         keypair.zero()      # the worker's copy is the only live one
 
     def send_keepalive(self, peer) -> None:
-        self._to_owner(peer, ("keepalive", peer.queue))
+        self._to_owner(peer, SendKeepalive(peer.queue))
 
     def zero_keys(self, peer) -> None:
-        self._to_owner(peer, ("zero", peer.queue))
+        self._to_owner(peer, ZeroKeys(peer.queue))
 
     def endpoint_changed(self, peer) -> None:
-        self._to_owner(peer, ("endpoint", peer.queue, peer.endpoint))
+        self._to_owner(peer, SetEndpoint(peer.queue, peer.endpoint))
 
     def purge_staged(self, peer) -> None:
-        self._to_owner(peer, ("purge", peer.queue))
+        self._to_owner(peer, PurgeStaged(peer.queue))
 
-    def _to_owner(self, peer, message: tuple) -> None:
+    def _to_owner(self, peer, message) -> None:
+        if peer.queue in self.pending_moves:
+            self.held_for_move.setdefault(peer.queue, []).append(message)
+            return
         worker = self.worker_of.get(peer.queue)
         if worker is not None and worker.control is not None:
             self._send(worker, message)
 
     # --- what workers tell us ---------------------------------------------------------
 
-    def on_readable(self, worker: WorkerHandle) -> str | None:
-        """Handle what the worker sent; returns the last message kind."""
+    def on_readable(self, worker: WorkerHandle) -> type | None:
+        """Handle what the worker sent; returns the last message's type."""
         last = None
         try:
             while True:
                 item = channel.receive(worker.control)
                 if item is None:
                     return last
-                (kind, *args), _ = item
-                getattr(self, "_on_" + kind)(worker, *args)
-                last = kind
+                message, _ = item
+                self.handlers[type(message)](worker, message)
+                last = type(message)
         except channel.ChannelClosed:
             self.worker_died(worker)
         return last
@@ -354,9 +399,9 @@ class WorkerPool:
     def refresh(self) -> None:
         """Fetch every worker's counters now (the UAPI's `get` must not show
         numbers half a second old)."""
-        self._round_trip(lambda worker: ("stats_request",), "stats")
+        self._round_trip(lambda worker: StatsRequest(), Stats)
 
-    def _round_trip(self, message, reply: str, fds=lambda worker: (),
+    def _round_trip(self, message, reply: type, fds=lambda worker: (),
                     timeout: float = ROUND_TRIP_TIMEOUT) -> None:
         """Send each live worker a message and wait for its reply. Called
         with the device lock held, so the main loop is not reading the
@@ -374,8 +419,8 @@ class WorkerPool:
     def _peer(self, slot: int):
         return self.peer_by_slot.get(slot)
 
-    def _on_events(self, worker, events: dict) -> None:
-        for slot, flags in events.items():
+    def _on_events(self, worker, message: TimerEvents) -> None:
+        for slot, flags in message.flags_by_slot.items():
             peer = self._peer(slot)
             if peer is None:
                 continue
@@ -384,60 +429,56 @@ class WorkerPool:
                 if flags & bit:
                     HOOKS[bit](timers)
 
-    def _on_need_handshake(self, worker, slot: int) -> None:
-        peer = self._peer(slot)
+    def _on_need_handshake(self, worker, message: NeedHandshake) -> None:
+        peer = self._peer(message.slot)
         if peer is not None:
             send.send_handshake_initiation(self.device, peer, retry=False)
 
-    def _on_confirmed(self, worker, slot: int) -> None:
-        peer = self._peer(slot)
+    def _on_confirmed(self, worker, message: HandshakeConfirmed) -> None:
+        peer = self._peer(message.slot)
         if peer is not None:
             peer.stats.handshakes_completed += 1
             peer.timers.handshake_complete()
 
-    def _on_endpoint(self, worker, slot: int, endpoint) -> None:
-        peer = self._peer(slot)
+    def _on_endpoint(self, worker, message: EndpointLearned) -> None:
+        peer = self._peer(message.slot)
         if peer is not None:
-            peer.endpoint = endpoint          # not set_endpoint: no echo back
+            peer.endpoint = message.endpoint          # not set_endpoint: no echo back
 
-    def _on_released(self, worker, indices: list) -> None:
-        for index in indices:
+    def _on_released(self, worker, message: ReleasedIndices) -> None:
+        for index in message.indices:
             entry = self.device.indices.get(index)
             if entry is not None and entry[1] is not entry[0].handshake:
                 self.device.forget_index(index)
             if self.reuseport is not None:
                 self.reuseport.remove_index(index)
 
-    def _on_sockets_done(self, worker) -> None:
+    def _on_sockets_done(self, worker, message: SocketsDone) -> None:
         pass
 
-    def _on_peer_state(self, worker, slot: int, state, staged) -> None:
-        self._peer_state(worker, slot, state, staged)
-
-    def _on_stats(self, worker, peers: dict, drops: dict, busy: float, depth: int,
-                  peer_drops: dict | None = None) -> None:
-        for slot, (tx_bytes, rx_bytes, tx_packets, rx_packets) in peers.items():
-            worker.traffic["tx_bytes"] += tx_bytes
-            worker.traffic["rx_bytes"] += rx_bytes
-            worker.traffic["tx_packets"] += tx_packets
-            worker.traffic["rx_packets"] += rx_packets
+    def _on_stats(self, worker, stats: Stats) -> None:
+        for slot, traffic in stats.traffic_by_slot.items():
+            worker.traffic["tx_bytes"] += traffic.tx_bytes
+            worker.traffic["rx_bytes"] += traffic.rx_bytes
+            worker.traffic["tx_packets"] += traffic.tx_packets
+            worker.traffic["rx_packets"] += traffic.rx_packets
             peer = self._peer(slot)
             if peer is None:
                 continue
-            peer.tx_bytes += tx_bytes
-            peer.rx_bytes += rx_bytes
-            peer.stats.tx_packets += tx_packets
-            peer.stats.rx_packets += rx_packets
-            worker.packets[slot] += tx_packets + rx_packets
-        self.device.drops.update(drops)
-        for slot, counts in (peer_drops or {}).items():
+            peer.tx_bytes += traffic.tx_bytes
+            peer.rx_bytes += traffic.rx_bytes
+            peer.stats.tx_packets += traffic.tx_packets
+            peer.stats.rx_packets += traffic.rx_packets
+            worker.packets[slot] += traffic.tx_packets + traffic.rx_packets
+        self.device.drops.update(stats.drops)
+        for slot, counts in stats.drops_by_slot.items():
             # Already in `drops` (the worker's device counts both); here
             # they are attributed to their peer.
             peer = self._peer(slot)
             if peer is not None:
                 peer.drops.update(counts)
-        worker.busy_seconds = worker.busy_before_restart + busy
-        worker.queue_depth = depth
+        worker.busy_seconds = worker.busy_before_restart + stats.busy_seconds
+        worker.queue_depth = stats.queue_depth
 
     # --- status ---------------------------------------------------------------------
 

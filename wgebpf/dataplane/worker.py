@@ -29,6 +29,10 @@ import sys
 import time
 
 from . import channel
+from .commands import (EndpointLearned, HandshakeConfirmed, Init, InstallKeypair, MovedKeypair,
+                       NeedHandshake, PeerAdd, PeerRemove, PeerState, PeerTraffic, PurgeStaged,
+                       ReleasedIndices, ReplaceSockets, SendKeepalive, SendStaged, SetEndpoint,
+                       SocketsDone, Stats, StatsRequest, Stop, TimerEvents, ZeroKeys)
 from ..wireguard import send
 from .udp import receive_batch
 from ..wireguard.device import Device, LocalDataplane
@@ -75,7 +79,7 @@ class EventRecorder:
         self._flag(TRAVERSAL)
 
     def handshake_complete(self):
-        self.worker.outbox.append(("confirmed", self.slot))
+        self.worker.outbox.append(HandshakeConfirmed(self.slot))
 
     def stop(self):
         pass
@@ -100,7 +104,7 @@ class WorkerActions:
 
 class WorkerDataplane(LocalDataplane):
     def endpoint_changed(self, peer) -> None:
-        self.device.worker.outbox.append(("endpoint", peer.queue, peer.endpoint))
+        self.device.worker.outbox.append(EndpointLearned(peer.queue, peer.endpoint))
 
 
 class WorkerConn:
@@ -150,19 +154,19 @@ class WorkerTun:
 
 
 class Worker:
-    def __init__(self, control: socket.socket, worker_id: int, settings: dict, socket_fds):
+    def __init__(self, control: socket.socket, init: Init, socket_fds):
         self.control = control
-        self.id = worker_id
+        self.id = init.worker_id
         self.tun = WorkerTun()
         self.conn = WorkerConn(socket_fds)
-        self.device = Device(settings["name"], None, tun=self.tun, conn=self.conn,
-                             mtu=settings["mtu"], timing=Timing.from_environment())
+        self.device = Device(init.name, None, tun=self.tun, conn=self.conn,
+                             mtu=init.mtu, timing=Timing.from_environment())
         self.device.worker = self
         self.device.actions = WorkerActions(self)
         self.device.dataplane = WorkerDataplane(self.device)
         self.by_slot: dict[int, object] = {}
         self.events: dict[int, int] = {}
-        self.outbox: list[tuple] = []
+        self.outbox: list = []            # commands.TO_CONTROL messages
         self.released: list[int] = []
         self.device.index_watchers.append(self)
         self.last_request: dict[int, float] = {}
@@ -171,6 +175,19 @@ class Worker:
         self.selector.register(control, selectors.EVENT_READ, ("control", None))
         self._register_sockets()
         self.running = True
+        self.handlers = {
+            PeerAdd: self.on_peer_add,
+            PeerRemove: self.on_peer_remove,
+            InstallKeypair: self.on_keypair,
+            SendKeepalive: self.on_keepalive,
+            ZeroKeys: self.on_zero,
+            PurgeStaged: self.on_purge,
+            SetEndpoint: self.on_endpoint,
+            SendStaged: self.on_staged,
+            ReplaceSockets: self.on_sockets,
+            StatsRequest: self.on_stats_request,
+            Stop: self.on_stop,
+        }
 
     def _register_sockets(self) -> None:
         for sock in self.conn.sockets:
@@ -178,34 +195,35 @@ class Worker:
 
     # --- control messages ------------------------------------------------------
 
-    def handle(self, message: tuple, fds: list[int]) -> None:
-        kind, *args = message
-        getattr(self, "on_" + kind)(*args, fds=fds)
+    def handle(self, message, fds: list[int]) -> None:
+        self.handlers[type(message)](message, fds)
 
-    def on_peer_add(self, slot, public_key, endpoint, state=None, fds=()):
-        peer = self.device.add_peer(public_key)
+    def on_peer_add(self, message: PeerAdd, fds) -> None:
+        slot = message.slot
+        peer = self.device.add_peer(message.public_key)
         peer.timers = EventRecorder(self, slot)
         peer.queue = slot
-        peer.endpoint = endpoint
+        peer.endpoint = message.endpoint
         self.by_slot[slot] = peer
         os.set_blocking(fds[0], False)
         self.tun.fds[slot] = fds[0]
         self.selector.register(fds[0], selectors.EVENT_READ, ("tun", slot))
-        for keypair_state, role in (state or []):
-            self._restore(peer, keypair_state, role)
+        for moved in message.keypairs:
+            self._restore(peer, moved)
 
-    def _restore(self, peer, state: dict, role: str) -> None:
-        keypair = Keypair.restore(state, peer)
-        setattr(peer.keypairs, role, keypair)
+    def _restore(self, peer, moved: MovedKeypair) -> None:
+        keypair = Keypair.restore(moved.state, peer)
+        setattr(peer.keypairs, moved.role, keypair)
         self.device.indices[keypair.local_index] = (peer, keypair)
 
-    def on_peer_remove(self, slot, export=False, fds=()):
+    def on_peer_remove(self, message: PeerRemove, fds) -> None:
+        slot, export = message.slot, message.export
         peer = self.by_slot.pop(slot, None)
         if peer is None:
             log.warning("peer_remove for slot %d, which this worker does not have", slot)
             return
-        state = [(kp.export(), role) for role in ("previous", "current", "next")
-                 if (kp := getattr(peer.keypairs, role)) is not None] if export else None
+        moved = tuple(MovedKeypair(kp.export(), role) for role in ("previous", "current", "next")
+                      if (kp := getattr(peer.keypairs, role)) is not None) if export else ()
         fd = self.tun.fds.pop(slot)
         self.selector.unregister(fd)
         os.close(fd)
@@ -217,51 +235,51 @@ class Worker:
             peer.keypairs.previous = peer.keypairs.current = peer.keypairs.next = None
         self.device.remove_peer(peer.public_key)
         if export:
-            self.outbox.append(("peer_state", slot, state, list(peer.staged)))
+            self.outbox.append(PeerState(slot, moved, tuple(peer.staged)))
 
-    def on_keypair(self, slot, state, fds=()):
-        peer = self.by_slot.get(slot)
+    def on_keypair(self, message: InstallKeypair, fds) -> None:
+        peer = self.by_slot.get(message.slot)
         if peer is None:
             return
-        keypair = Keypair.restore(state, peer)
+        keypair = Keypair.restore(message.state, peer)
         self.device.install_keypair(peer, keypair)
 
-    def on_keepalive(self, slot, fds=()):
-        peer = self.by_slot.get(slot)
+    def on_keepalive(self, message: SendKeepalive, fds) -> None:
+        peer = self.by_slot.get(message.slot)
         if peer is not None:
             send.send_keepalive(self.device, peer)
 
-    def on_zero(self, slot, fds=()):
-        peer = self.by_slot.get(slot)
+    def on_zero(self, message: ZeroKeys, fds) -> None:
+        peer = self.by_slot.get(message.slot)
         if peer is not None:
             self.device.dataplane.zero_keys(peer)
 
-    def on_purge(self, slot, fds=()):
-        peer = self.by_slot.get(slot)
+    def on_purge(self, message: PurgeStaged, fds) -> None:
+        peer = self.by_slot.get(message.slot)
         if peer is not None:
             peer.purge_staged()
 
-    def on_endpoint(self, slot, endpoint, fds=()):
-        peer = self.by_slot.get(slot)
+    def on_endpoint(self, message: SetEndpoint, fds) -> None:
+        peer = self.by_slot.get(message.slot)
         if peer is not None:
-            peer.endpoint = endpoint
+            peer.endpoint = message.endpoint
 
-    def on_staged(self, slot, packets, fds=()):
-        peer = self.by_slot.get(slot)
-        for packet in packets:
+    def on_staged(self, message: SendStaged, fds) -> None:
+        peer = self.by_slot.get(message.slot)
+        for packet in message.packets:
             send.packet_for_peer(self.device, peer, packet)
 
-    def on_sockets(self, fds=()):
+    def on_sockets(self, message: ReplaceSockets, fds) -> None:
         for sock in self.conn.sockets:
             self.selector.unregister(sock)
         self.conn.replace(fds)
         self._register_sockets()
-        self.outbox.append(("sockets_done",))
+        self.outbox.append(SocketsDone())
 
-    def on_stats_request(self, fds=()):
+    def on_stats_request(self, message: StatsRequest, fds) -> None:
         self.outbox.append(self.stats())
 
-    def on_stop(self, fds=()):
+    def on_stop(self, message: Stop, fds) -> None:
         self.running = False
 
     # --- requests to the control plane ----------------------------------------------
@@ -278,30 +296,33 @@ class Worker:
         now = time.monotonic()
         if now - self.last_request.get(peer.queue, -1e9) >= HANDSHAKE_REQUEST_INTERVAL:
             self.last_request[peer.queue] = now
-            self.outbox.append(("need_handshake", peer.queue))
+            self.outbox.append(NeedHandshake(peer.queue))
 
     def flush(self) -> None:
         if self.events:
-            self.outbox.append(("events", self.events))
+            self.outbox.append(TimerEvents(self.events))
             self.events = {}
         if self.released:
-            self.outbox.append(("released", self.released))
+            self.outbox.append(ReleasedIndices(tuple(self.released)))
             self.released = []
         for message in self.outbox:
             channel.send(self.control, message)
         self.outbox = []
 
-    def stats(self) -> tuple:
+    def stats(self) -> Stats:
         """Per-peer counters since the last report (the control plane adds them up)."""
         peers = {}
         for slot, peer in self.by_slot.items():
-            peers[slot] = (peer.tx_bytes, peer.rx_bytes, peer.stats.tx_packets, peer.stats.rx_packets)
+            peers[slot] = PeerTraffic(peer.tx_bytes, peer.rx_bytes, peer.stats.tx_packets,
+                                      peer.stats.rx_packets)
             peer.tx_bytes = peer.rx_bytes = peer.stats.tx_packets = peer.stats.rx_packets = 0
         drops = dict(self.device.drops)
         self.device.drops.clear()
         busy = time.process_time()
         depth = sum(len(peer.staged) for peer in self.by_slot.values())
-        return ("stats", peers, drops, busy, depth, self._peer_drops(drops))
+        peer_drops = self._peer_drops(drops)
+        return Stats(traffic_by_slot=peers, drops=drops, busy_seconds=busy, queue_depth=depth,
+                     drops_by_slot=peer_drops)
 
     def _peer_drops(self, drops: dict) -> dict:
         """Drops whose peer is known, since the last report; adds the ones
@@ -366,10 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=int(argv[0]))
     control.setblocking(True)
-    (kind, worker_id, settings), fds = channel.receive(control)
-    assert kind == "init", kind
+    init, fds = channel.receive(control)
+    if not isinstance(init, Init):
+        raise SystemExit(f"wgebpf worker: expected Init first, got {type(init).__name__}")
     control.setblocking(False)
-    worker = Worker(control, worker_id, settings, fds)
+    worker = Worker(control, init, fds)
     try:
         worker.run()
     except channel.ChannelClosed:

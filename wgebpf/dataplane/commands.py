@@ -1,0 +1,171 @@
+"""What the control plane (pool.py) and a crypto worker (worker.py) say to
+each other over their channel (channel.py): one frozen dataclass per kind.
+
+Named `commands`, not `messages`, because wireguard/messages.py is
+WireGuard's own wire format; nothing here ever leaves the host. Most of it
+goes one way: commands from the control plane to a worker, and reports from
+a worker back. Fields are plain values (ints, bytes, str, tuples, lists,
+dicts) and keypair state as Keypair.export() makes it, so each side can
+rebuild what it needs; file descriptors travel beside a message, never in it
+(channel.send's `fds`).
+"""
+
+from dataclasses import dataclass
+
+Endpoint = tuple | None
+KeypairState = dict              # noise.Keypair.export()
+
+
+# --- control plane -> worker ------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Init:
+    """The first message; fds: the worker's UDP sockets (IPv4, IPv6)."""
+    worker_id: int
+    name: str
+    mtu: int
+
+
+@dataclass(frozen=True, slots=True)
+class MovedKeypair:
+    """One session of a peer being moved between workers, and which of the
+    peer's keypair slots (previous, current, next) it fills."""
+    state: KeypairState
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAdd:
+    """Own this peer from now on; fds: its TUN queue. `keypairs` is set when
+    the peer moves from another worker with its sessions."""
+    slot: int
+    public_key: bytes
+    endpoint: Endpoint
+    keypairs: tuple[MovedKeypair, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRemove:
+    """Let the peer go; with `export`, answer with its PeerState."""
+    slot: int
+    export: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class InstallKeypair:
+    slot: int
+    state: KeypairState
+
+
+@dataclass(frozen=True, slots=True)
+class SendKeepalive:
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroKeys:
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeStaged:
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetEndpoint:
+    slot: int
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class SendStaged:
+    """Packets a moved peer had staged on its old worker."""
+    slot: int
+    packets: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaceSockets:
+    """fds: the new UDP sockets; answered with SocketsDone."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest:
+    """Report counters now; answered with Stats."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    pass
+
+
+# --- worker -> control plane ------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class HandshakeConfirmed:
+    """A session this peer's initiator side made was confirmed by data."""
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointLearned:
+    """The peer roamed: authenticated data came from a new address."""
+    slot: int
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class NeedHandshake:
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class TimerEvents:
+    """Timer events per slot since the last batch, as worker.EVENT_ORDER bits."""
+    flags_by_slot: dict[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ReleasedIndices:
+    """Session indices that died in the worker (unmap them from steering)."""
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerState:
+    """The answer to PeerRemove(export=True): the peer's sessions and staged
+    packets, for the worker it moves to."""
+    slot: int
+    keypairs: tuple[MovedKeypair, ...]
+    staged: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SocketsDone:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class PeerTraffic:
+    tx_bytes: int
+    rx_bytes: int
+    tx_packets: int
+    rx_packets: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Counters since the last report (the control plane adds them up),
+    except `busy_seconds`: the worker's CPU time so far."""
+    traffic_by_slot: dict[int, PeerTraffic]
+    drops: dict[str, int]
+    busy_seconds: float
+    queue_depth: int
+    drops_by_slot: dict[int, dict[str, int]]
+
+
+TO_WORKER = (Init, PeerAdd, PeerRemove, InstallKeypair, SendKeepalive, ZeroKeys, PurgeStaged,
+             SetEndpoint, SendStaged, ReplaceSockets, StatsRequest, Stop)
+TO_CONTROL = (HandshakeConfirmed, EndpointLearned, NeedHandshake, TimerEvents, ReleasedIndices,
+              PeerState, SocketsDone, Stats)
