@@ -4,10 +4,12 @@
 #
 #   1. Debian packages (apt-get update only when something is missing)
 #   2. /lib/modules/$(uname -r)/{build,source} -> Debian's kernel headers,
-#      which bcc needs to compile eBPF C at run time (see README, Platform)
+#      which bcc needs to compile eBPF C at run time (see README, Set-up,
+#      and docs/platform-notes.md, item 5)
 #   3. a virtual environment at REPO/.venv from /usr/bin/python3 with
 #      --system-site-packages, so it sees Debian's bcc; wgebpf installed
-#      into it in editable mode with its test extras
+#      into it in editable mode with its extras: test, and bench (matplotlib,
+#      which only `wgebpf bench` needs)
 #   4. /usr/local/bin/wgebpf -> REPO/.venv/bin/wgebpf
 set -euo pipefail
 
@@ -126,8 +128,8 @@ want="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
 have="$(cat "$STAMP" 2>/dev/null || true)"
 if [[ "$want" != "$have" || ! -x "$VENV/bin/wgebpf" ]]; then
     say "installing wgebpf and its Python dependencies into $VENV"
-    quietly "$VENV/bin/pip" install -q --disable-pip-version-check -e "$REPO[test]" \
-        || die "pip install -e '$REPO[test]' failed (PyPI reachable?)"
+    quietly "$VENV/bin/pip" install -q --disable-pip-version-check -e "$REPO[test,bench]" \
+        || die "pip install -e '$REPO[test,bench]' failed (PyPI reachable?)"
     echo "$want" >"$STAMP"
 fi
 

@@ -680,9 +680,28 @@ _COLOURS = {"wgebpf-wgebpf": "#1f77b4", "wgebpf-wireguard-go": "#2ca02c",
             "wireguard-go-wireguard-go": "#7f7f7f"}
 
 
+# matplotlib is the optional extra `bench` (pyproject.toml): only the plot
+# needs it, so it is imported here, lazily, and checked before anything runs.
+MATPLOTLIB_MISSING = "wgebpf bench needs matplotlib: pip install 'wgebpf[bench]'"
+
+
+class MissingDependency(RuntimeError):
+    """An optional dependency bench needs is not installed; str() is one line."""
+
+
+def figure_class():
+    """matplotlib's Figure (no pyplot: no GUI backend, no global state), or
+    MissingDependency when matplotlib is not installed."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingDependency(MATPLOTLIB_MISSING) from None
+    return Figure
+
+
 def render_plot(result: dict, path: Path) -> None:
     """Horizontal bars (median, whiskers min..max), one panel per table metric."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    Figure = figure_class()
 
     configs = result["configurations"]
     labels = [c["id"].replace(", Workers", "\nWorkers") for c in configs]
@@ -732,7 +751,8 @@ def main(**options) -> int:
     Options (all optional): output_dir (or output), systems, workers,
     selections (lists, or comma-separated strings), repeats, seconds, quick.
     Returns 0 when every configuration produced results, 1 when one failed
-    completely or bench could not run, 2 for bad options.
+    completely or bench could not run, 2 for bad options or a missing
+    matplotlib (the `bench` extra).
     """
     def opt(name: str, default):
         value = options.get(name)
@@ -752,6 +772,11 @@ def main(**options) -> int:
             raise ValueError("repeats and seconds must be positive")
     except ValueError as exc:
         print(f"wgebpf bench: {exc}", file=sys.stderr)
+        return 2
+    try:
+        figure_class()      # now, not after minutes of measuring
+    except MissingDependency as exc:
+        print(exc, file=sys.stderr)
         return 2
     if os.geteuid() != 0:
         print("wgebpf bench needs root (network namespaces): sudo wgebpf bench",
