@@ -2,8 +2,8 @@
  *
  * SCHED_CLS, direct action, on the TUN device's clsact ingress hook. A worker
  * writes each peer's decrypted packets to the peer's own TUN queue, and the
- * kernel records that queue: skb->queue_mapping = queue + 1 (platform.md
- * item 3). So the sending peer is exact: slot = queue_mapping - 1. This runs
+ * kernel records that queue: skb->queue_mapping = queue + 1
+ * (docs/platform-notes.md, item 3). So the sending peer is exact: slot = queue_mapping - 1. This runs
  * before the kernel's IP stack (and nftables' prerouting) sees the packet.
  *
  * Compiled after nexthop.c in one text (bpfmaps.compile_programs): it shares

@@ -22,7 +22,7 @@ from ..wireguard.device import Device
 from ..wireguard.messages import DEFAULT_MTU
 from .state import RuntimeState
 from ..wireguard.timers import Timing
-from ..dataplane.tun import Tun
+from ..dataplane.tun import TUN_BATCH, Tun
 from ..kernel.nexthop import NextHopClassifier
 from ..kernel.nftables import NftSourceFilter
 from ..kernel.policy import SourcePolicy
@@ -36,7 +36,6 @@ log = logging.getLogger("wgebpf")
 
 MAX_SLEEP = 1.0
 DISHONEST_LOG_EVERY = 10.0
-TUN_BATCH = 64
 
 
 class AttachError(Exception):
@@ -151,7 +150,7 @@ class Attachment:
 
     def _device_sysctls(self) -> None:
         # accept_local: our ICMP errors come from our own address (icmp.py).
-        # forwarding: bpf_fib_lookup on this device needs it (platform.md 1).
+        # forwarding: bpf_fib_lookup on this device needs it (docs/platform-notes.md, item 1).
         base = f"/proc/sys/net/ipv4/conf/{self.name}"
         set_sysctl(f"{base}/accept_local", "1")
         link.enable_forwarding(self.name)

@@ -6,9 +6,10 @@ takes the device lock and asks the workers for fresh counters, exactly as
 scrapes this module does nothing. So metrics and `wgebpf status` can never
 disagree, and prometheus-client is not imported by any protocol module.
 
-Naming (shared/docs/style.md): prefix `wgebpf_`, base units (bytes,
-seconds), `_total` on counters, `_info` for metadata, timestamps as
-`_timestamp_seconds`, labels `interface` and `public_key` (base64). The
+Naming, after Prometheus' conventions (prometheus.io/docs/practices/naming):
+prefix `wgebpf_`, base units (bytes, seconds), `_total` on counters, `_info`
+for metadata, timestamps as `_timestamp_seconds`, labels `interface` and
+`public_key` (base64). The
 endpoint is only a label of `wgebpf_peer_info`: on a counter, every roam
 would start new series. Only public keys appear; the snapshot holds no
 private or preshared key, and tests/test_metrics.py checks a scrape for the

@@ -1,7 +1,8 @@
 """The crypto worker pool, seen from the control plane.
 
-Processes, not threads: the AEAD call holds the GIL (platform.md), so only
-processes use more than one core. The control plane
+Processes, not threads: the per-packet Python, the AEAD call included, holds
+the GIL (docs/platform-notes.md, item 4), so only processes use more than one
+core. The control plane
 
   - owns every file descriptor the data plane uses: the TUN queues (queue
     0 is its own: packets no peer takes arrive there) and the UDP sockets
@@ -34,6 +35,7 @@ from .commands import (EndpointLearned, HandshakeConfirmed, Init, InstallKeypair
                        PeerAdd, PeerRemove, PeerState, PurgeStaged, ReleasedIndices,
                        ReplaceSockets, SendKeepalive, SendStaged, SetEndpoint, SocketsDone, Stats,
                        StatsRequest, Stop, TimerEvents, ZeroKeys)
+from ..kernel.bpfmaps import SLOT_MAX
 from ..wireguard import send
 from ..wireguard.device import DeviceError
 from .worker import (AUTH_RECEIVED, AUTH_SENT, DATA_RECEIVED, DATA_SENT, EVENT_ORDER,
@@ -41,7 +43,7 @@ from .worker import (AUTH_RECEIVED, AUTH_SENT, DATA_RECEIVED, DATA_SENT, EVENT_O
 
 log = logging.getLogger("wgebpf")
 
-MAX_SLOTS = 255          # TUN queues 1..255; queue 0 is the control plane's
+MAX_SLOTS = SLOT_MAX     # TUN queues 1..255; queue 0 is the control plane's
 ROUND_TRIP_TIMEOUT = 1.0
 MIN_UPTIME = 2.0         # a worker that dies sooner is restarted with back-off
 MAX_BACKOFF = 8.0

@@ -2,9 +2,9 @@
 
 Each queue is an fd opened on /dev/net/tun with the same name and
 IFF_MULTI_QUEUE. The kernel picks the queue for a packet it routes into the
-device (flow hash, or the steering eBPF program, platform.md item 2); a packet
-written to queue k arrives at tc ingress with skb->queue_mapping == k + 1
-(item 3), which is how wgebpf knows which peer a decrypted packet came from.
+device (flow hash, or the steering eBPF program: docs/platform-notes.md,
+item 2); a packet written to queue k arrives at tc ingress with
+skb->queue_mapping == k + 1 (item 3), which is how wgebpf knows which peer a decrypted packet came from.
 
 The device is not persistent: it disappears when the last queue fd closes,
 so a crashed (kill -9) instance leaves no TUN behind by itself.
@@ -30,6 +30,9 @@ IFF_MULTI_QUEUE = 0x0100
 IFNAMSIZ = 16
 MAX_QUEUES = 256                      # the kernel's MAX_TAP_QUEUES
 READ_SIZE = 65536                     # larger than any MTU a TUN can have
+# Packets one turn of an event loop reads from a TUN queue before it looks at
+# its other fds again (the control plane's queue 0, each worker's queues).
+TUN_BATCH = 64
 
 # struct ifreq: char ifr_name[16]; union { short ifr_flags; ... } (40 bytes in all)
 _IFREQ = struct.Struct("16sH22x")

@@ -34,6 +34,7 @@ from .commands import (EndpointLearned, HandshakeConfirmed, Init, InstallKeypair
                        ReleasedIndices, ReplaceSockets, SendKeepalive, SendStaged, SetEndpoint,
                        SocketsDone, Stats, StatsRequest, Stop, TimerEvents, ZeroKeys)
 from ..wireguard import send
+from .tun import TUN_BATCH
 from .udp import receive_batch
 from ..wireguard.device import Device, LocalDataplane
 from ..wireguard.noise import Keypair
@@ -43,7 +44,6 @@ log = logging.getLogger("wgebpf")
 
 STATS_INTERVAL = 0.5
 HANDSHAKE_REQUEST_INTERVAL = 1.0
-TUN_BATCH = 64
 
 # Timer events, in the order the control plane applies a batch of them.
 AUTH_RECEIVED, DATA_RECEIVED, AUTH_SENT, DATA_SENT, TRAVERSAL = 1, 2, 4, 8, 16

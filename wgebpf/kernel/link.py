@@ -195,7 +195,7 @@ def enable_forwarding(name: str) -> None:
     """Enable IPv4 and IPv6 forwarding on `name`.
 
     bpf_fib_lookup from the tc egress hook returns FWD_DISABLED unless the
-    device forwards (platform.md item 1). /proc/sys/net is resolved in the
+    device forwards (docs/platform-notes.md, item 1). /proc/sys/net is resolved in the
     calling thread's network namespace.
     """
     paths = [f"/proc/sys/net/ipv4/conf/{name}/forwarding"]

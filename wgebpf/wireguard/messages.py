@@ -31,6 +31,10 @@ LABEL_COOKIE = b"cookie--"
 # --- Implementation constants ------------------------------------------------
 
 MAX_STAGED_PACKETS = 128          # per peer, while a handshake is under way
+# A bound on one Device's peer table. Not the limit of a running interface,
+# which is far lower: each peer needs a TUN queue of its own, so at most 255
+# (SLOT_MAX in wgebpf/kernel/bpfmaps.py; docs/platform-notes.md, item 2),
+# and the dataplane refuses the 256th peer when it is added.
 MAX_PEERS = 1 << 20
 HANDSHAKES_PER_SECOND_UNDER_LOAD = 64  # above this the responder wants cookies
 UNDER_LOAD_AFTER = 1.0            # seconds "under load" lasts after the burst
