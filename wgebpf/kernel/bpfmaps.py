@@ -289,6 +289,21 @@ def prog_info(fd: int) -> ProgInfo:
                     info.run_time_ns, info.run_cnt)
 
 
+class LoadedProgram:
+    """The fd and kernel id of a loader's main program (self._prog, from
+    bcc's load_func): one definition for every loader."""
+
+    _prog: object
+
+    @property
+    def prog_fd(self) -> int:
+        return self._prog.fd
+
+    @property
+    def prog_id(self) -> int:
+        return prog_info(self.prog_fd).id
+
+
 @contextmanager
 def enable_stats() -> Iterator[None]:
     """Count run_time_ns/run_cnt of every BPF program while inside.

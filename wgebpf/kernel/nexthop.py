@@ -44,7 +44,7 @@ class NexthopStats(NamedTuple):
     bytes: int
 
 
-class NextHopClassifier:
+class NextHopClassifier(m.LoadedProgram, tc.FilterOwner):
     """The classifier for one device: maps, program, and its tc attachment.
 
     `queues` is the TUN's queue count: a peer whose slot is not below it is
@@ -52,6 +52,10 @@ class NextHopClassifier:
     the number around onto another peer's queue). Raise it with
     set_queue_count() when adding queues.
     """
+
+    FILTER_NAME, FILTER_PARENT = "wg_nexthop", TC_PARENT_EGRESS
+    FILTER_PRIO, FILTER_HANDLE = TC_PRIO, TC_HANDLE
+
 
     def __init__(self, ifname_or_index: str | int, mode: str = "nexthop", *,
                  queues: int = m.QUEUES_MAX):
@@ -75,31 +79,9 @@ class NextHopClassifier:
     # -- programs ------------------------------------------------------------
 
     @property
-    def prog_fd(self) -> int:
-        return self._prog.fd
-
-    @property
     def steering_fd(self) -> int:
         """fd of tun_steer.c's program, compiled with the classifier."""
         return self._steer.fd
-
-    @property
-    def prog_id(self) -> int:
-        return m.prog_info(self.prog_fd).id
-
-    def attach(self) -> dict:
-        """Our bpf filter on egress (and clsact if missing); returns the
-        tc_record for the runtime-state file (also in .record)."""
-        if self.record is None:
-            self.record = tc.attach_filter(self.ifindex, self.ifname, self.prog_fd, self.prog_id,
-                                           "wg_nexthop", TC_PARENT_EGRESS, TC_PRIO, TC_HANDLE)
-        return self.record
-
-    def detach(self) -> None:
-        """Remove what attach() added; a device already gone is fine."""
-        rec, self.record = self.record, None
-        if rec is not None:
-            tc.detach_filter(rec)
 
     def close(self) -> None:
         """Detach and release the programs and maps."""

@@ -36,7 +36,6 @@ _CODE = {"allowedips": m.POLICY_ALLOWEDIPS, "fib": m.POLICY_FIB,
 
 # clsact ingress; prio and handle differ from the classifier's egress filter
 # (1, 1) so the two runtime-state records can never be mistaken for each other.
-TC_PARENT_EGRESS = "ffff:fff3"
 TC_PRIO = 2
 TC_HANDLE = 2
 
@@ -51,13 +50,18 @@ def peer_mark(slot: int, mask: int = PEER_MARK_DEFAULT) -> int:
     return (slot << mark_shift(mask)) & mask
 
 
-class SourcePolicy:
+class SourcePolicy(m.LoadedProgram, tc.FilterOwner):
     """The ingress source check of one device, on the classifier's object.
 
     `default` is the interface's policy; set_peer() overrides it per slot.
     `mark_mask` (config PeerMark) is where the nftables policy writes the
     slot; it is fixed for the object's life (nftables rules match on it).
+    Attach after the classifier: then the clsact qdisc is the classifier's
+    (its record says so) and ours is only the filter.
     """
+
+    FILTER_NAME, FILTER_PARENT = "wg_policy", TC_PARENT_INGRESS
+    FILTER_PRIO, FILTER_HANDLE = TC_PRIO, TC_HANDLE
 
     def __init__(self, classifier: NextHopClassifier, default: str = "allowedips",
                  mark_mask: int = PEER_MARK_DEFAULT):
@@ -75,32 +79,6 @@ class SourcePolicy:
         self._counts = self.bpf[m.MAP_POLICY_CNT.encode()]
         classifier.update_config(mark_mask=mark_mask, mark_shift=mark_shift(mark_mask))
         self.set_default(default)
-
-    # -- program ---------------------------------------------------------------
-
-    @property
-    def prog_fd(self) -> int:
-        return self._prog.fd
-
-    @property
-    def prog_id(self) -> int:
-        return m.prog_info(self.prog_fd).id
-
-    def attach(self) -> dict:
-        """Our bpf filter on ingress (and clsact if missing). Attach after
-        the classifier: then the qdisc is the classifier's (its record says
-        so) and ours is only the filter. Returns the tc_record for the
-        runtime-state file (also in .record)."""
-        if self.record is None:
-            self.record = tc.attach_filter(self.ifindex, self.ifname, self.prog_fd, self.prog_id,
-                                           "wg_policy", TC_PARENT_INGRESS, TC_PRIO, TC_HANDLE)
-        return self.record
-
-    def detach(self) -> None:
-        """Remove our filter (and clsact if we added it and it is empty now)."""
-        rec, self.record = self.record, None
-        if rec is not None:
-            tc.detach_filter(rec)
 
     def close(self) -> None:
         """Detach and drop our overrides; the program and maps themselves

@@ -24,21 +24,13 @@ SO_ATTACH_REUSEPORT_EBPF = 52
 SO_DETACH_REUSEPORT_BPF = 68      # kernel 5.3+
 
 
-class ReuseportSteering:
+class ReuseportSteering(m.LoadedProgram):
     """The program and its receiver index -> socket position map."""
 
     def __init__(self):
         self.bpf = m.compile_programs("reuseport.c")
         self._prog = self.bpf.load_func(b"wg_reuseport", self.bpf.SOCKET_FILTER)
         self._index = self.bpf[m.MAP_RXINDEX.encode()]
-
-    @property
-    def prog_fd(self) -> int:
-        return self._prog.fd
-
-    @property
-    def prog_id(self) -> int:
-        return m.prog_info(self.prog_fd).id
 
     def attach(self, sock: socket.socket) -> None:
         """Steer the reuseport group `sock` belongs to (or will, once bound)."""

@@ -45,6 +45,34 @@ def detach_filter(record: dict) -> None:
             _ignore_gone(ipr.tc, "del", "clsact", ifindex)
 
 
+class FilterOwner:
+    """attach()/detach() of a loader's one bpf filter. The loader sets
+    ifindex, ifname, prog_fd, prog_id and record (None until attached),
+    and names its filter with the class attributes below."""
+
+    FILTER_NAME: str
+    FILTER_PARENT: str
+    FILTER_PRIO: int
+    FILTER_HANDLE: int
+    record: dict | None
+
+    def attach(self) -> dict:
+        """Our filter (and clsact if missing); returns the tc_record for the
+        runtime-state file (also in .record)."""
+        if self.record is None:
+            self.record = attach_filter(self.ifindex, self.ifname, self.prog_fd, self.prog_id,
+                                        self.FILTER_NAME, self.FILTER_PARENT, self.FILTER_PRIO,
+                                        self.FILTER_HANDLE)
+        return self.record
+
+    def detach(self) -> None:
+        """Remove what attach() added (clsact too if we added it and it is
+        empty now); a device already gone is fine."""
+        rec, self.record = self.record, None
+        if rec is not None:
+            detach_filter(rec)
+
+
 def _add_clsact(ipr: IPRoute, ifindex: int) -> bool:
     """Add clsact; False if the device already had one (then it is not ours)."""
     try:

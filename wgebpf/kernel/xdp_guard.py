@@ -254,7 +254,7 @@ def mac1_state(public_key: bytes) -> list[int]:
 
 # ---- the loader ---------------------------------------------------------------
 
-class XdpGuard:
+class XdpGuard(bpfmaps.LoadedProgram):
     """The guard for one underlay device: program, maps, attachment.
 
     mode: "auto" tries native (driver) XDP and falls back to generic;
@@ -297,14 +297,6 @@ class XdpGuard:
             raise
 
     # -- program -------------------------------------------------------------
-
-    @property
-    def prog_fd(self) -> int:
-        return self._prog.fd
-
-    @property
-    def prog_id(self) -> int:
-        return bpfmaps.prog_info(self.prog_fd).id
 
     def run(self, frame: bytes, repeat: int = 1) -> tuple[int, int]:
         """Run the program on `frame` (BPF_PROG_TEST_RUN), attached or not:
