@@ -576,7 +576,7 @@ class UAPIServer:
         _remove_stale_socket(self.path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener.bind(self.path)
+            self._bind(listener)
             # Before listen(): nobody can connect until the mode is 0600, so
             # there is no window in which a non-root user can reach the API.
             os.chmod(self.path, 0o600)
@@ -593,6 +593,15 @@ class UAPIServer:
                                         name=f"uapi-{self.name}", daemon=True)
         self._thread.start()
         log.info("UAPI listening on %s", self.path)
+
+    def _bind(self, listener: socket.socket) -> None:
+        try:
+            listener.bind(self.path)
+        except FileNotFoundError:
+            # The shared directory went away after we made it (another
+            # tool's clean-up): make it again, once.
+            _make_socket_dir(self.directory)
+            listener.bind(self.path)
 
     def stop(self) -> None:
         if self._listener is None:

@@ -103,8 +103,15 @@ class WorkerActions:
 
 
 class WorkerDataplane(LocalDataplane):
+    """Sessions live here, as in LocalDataplane; a roamed endpoint is also
+    told to the control plane, which owns endpoints."""
+
+    def __init__(self, worker: "Worker"):
+        super().__init__(worker.device)
+        self.worker = worker
+
     def endpoint_changed(self, peer) -> None:
-        self.device.worker.outbox.append(EndpointLearned(peer.queue, peer.endpoint))
+        self.worker.outbox.append(EndpointLearned(peer.queue, peer.endpoint))
 
 
 class WorkerConn:
@@ -161,14 +168,13 @@ class Worker:
         self.conn = WorkerConn(socket_fds)
         self.device = Device(init.name, None, tun=self.tun, conn=self.conn,
                              mtu=init.mtu, timing=Timing.from_environment())
-        self.device.worker = self
-        self.device.actions = WorkerActions(self)
-        self.device.dataplane = WorkerDataplane(self.device)
+        self.device.attach_actions(WorkerActions(self))
+        self.device.attach_dataplane(WorkerDataplane(self))
         self.by_slot: dict[int, object] = {}
         self.events: dict[int, int] = {}
         self.outbox: list = []            # commands.TO_CONTROL messages
         self.released: list[int] = []
-        self.device.index_watchers.append(self)
+        self.device.add_index_watcher(self)
         self.last_request: dict[int, float] = {}
         self.counters = {"rx_packets": 0, "tx_packets": 0, "rx_bytes": 0, "tx_bytes": 0}
         self.selector = selectors.DefaultSelector()

@@ -122,8 +122,6 @@ class Device:
                        (watch_external_load; the XDP guard)
       identity_listeners  told when the private key changes
                        (watch_identity; the XDP guard, for mac1)
-      worker           set by dataplane/worker.py in a worker process, for
-                       its WorkerDataplane; never read here
     """
 
     def __init__(self, name: str = "wgebpf0", private_key: bytes | None = None, *,
@@ -136,10 +134,6 @@ class Device:
         self.timing = timing or Timing()
         self.actions: TimerActions = _Actions(self)
         self.dataplane: Dataplane = LocalDataplane(self)
-        # Set by dataplane/worker.py (its WorkerDataplane reads it to reach
-        # the worker's outbox); None outside a worker. The protocol core
-        # never reads it.
-        self.worker: object | None = None
         self.source_policy = "allowedips"
         self.peer_selection = "allowedips"
         self.identity = StaticIdentity(private_key)
