@@ -4,5 +4,7 @@
 # `wg show` of both sides. It removes everything it made when it ends.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+. "$REPO/scripts/root.sh"
+as_root "$@"
 "$REPO/scripts/setup.sh"
 exec "$REPO/.venv/bin/wgebpf" demo "$@"

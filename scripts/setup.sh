@@ -14,6 +14,8 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+. "$REPO/scripts/root.sh"
+as_root "$@"
 VENV="$REPO/.venv"
 STAMP="$VENV/.wgebpf-setup-stamp"
 LOG="$(mktemp /tmp/wgebpf-setup.XXXXXX.log)"
@@ -42,7 +44,6 @@ quietly() {
     fi
 }
 
-[[ $EUID -eq 0 ]] || die "run me as root (sudo $0)"
 [[ -r /etc/debian_version ]] || die "this script is for Debian 12 (bookworm)"
 [[ "$(dpkg --print-architecture)" == amd64 ]] || die "this script is for amd64"
 case "$(cat /etc/debian_version)" in
