@@ -26,16 +26,30 @@ from wgebpf.lab.bench import Setup
       Setup("wgebpf-wireguard-go", 2, "nexthop"), Setup("wgebpf-wireguard-go", 2, "allowedips")]),
     (bench.DEFAULT_SYSTEMS, [1, 2], ["nexthop", "allowedips"], True,
      [Setup("wgebpf-wgebpf", 1, "nexthop"), Setup("wgebpf-wireguard-go", 1, "nexthop"),
-      Setup("wireguard-go-wireguard-go")]),
+      Setup("wireguard-go-wgebpf", 1, "nexthop"), Setup("wireguard-go-wireguard-go")]),
+    (["wireguard-go-wgebpf"], [2], ["allowedips"], False,
+     [Setup("wireguard-go-wgebpf", 2, "allowedips")]),
 ])
 def test_plan_setups(systems, workers, selections, quick, expected):
     assert bench.plan_setups(systems, workers, selections, quick) == expected
 
 
-def test_full_default_plan_has_nine_configurations():
+def test_full_default_plan_has_thirteen_configurations():
+    # Three pairings with wgebpf x 2 Workers counts x 2 selections, and the baseline.
     setups = bench.plan_setups(bench.DEFAULT_SYSTEMS, bench.DEFAULT_WORKERS,
                                bench.DEFAULT_SELECTIONS)
-    assert len(setups) == 9 and len({s.id for s in setups}) == 9
+    assert len(setups) == 13 and len({s.id for s in setups}) == 13
+
+
+def test_both_directions_of_the_mixed_pairing():
+    assert bench.DEFAULT_SYSTEMS == list(bench.PAIRINGS)
+    assert Setup("wgebpf-wireguard-go").a == "wgebpf"
+    assert Setup("wgebpf-wireguard-go").b == "wireguard-go"
+    assert Setup("wireguard-go-wgebpf").a == "wireguard-go"
+    assert Setup("wireguard-go-wgebpf").b == "wgebpf"
+    assert Setup("wireguard-go-wgebpf", 1, "nexthop").id == \
+        "wireguard-go <-> wgebpf, Workers 1, nexthop"
+    assert set(bench._COLOURS) == set(bench.PAIRINGS)
 
 
 @pytest.mark.parametrize("systems, workers, selections", [
@@ -87,11 +101,15 @@ def _result(configs):
 def test_ratios_and_markdown_with_a_failed_configuration():
     base = _config(bench.BASELINE, {"tcp1_gbps": 0.8, "ping_avg_ms": 0.4})
     ours = _config("wgebpf-wireguard-go", {"tcp1_gbps": 0.6, "ping_avg_ms": 0.5})
+    back = _config("wireguard-go-wgebpf", {"tcp1_gbps": 0.4})
     broken = _config("wgebpf-wgebpf", {}, status="failed",
                      errors={"setup": "StartError: boom\nlong log", "log": "not shown"})
-    result = _result([ours, broken, base])
+    result = _result([ours, back, broken, base])
     assert result["ratios"][ours["id"]] == pytest.approx({"tcp1_gbps": 0.75,
                                                           "ping_avg_ms": 1.25})
+    assert result["ratios"][back["id"]] == pytest.approx({"tcp1_gbps": 0.5})
+    assert "| wireguard-go <-> wgebpf, Workers 1, nexthop | 0.400 (0.400–0.400) |" \
+        in bench.render_markdown(result)
     assert result["ratios"][broken["id"]] == {}
     md = bench.render_markdown(result)
     assert f"| {ours['id']} | 0.600 (0.600–0.600) |" in md
@@ -99,6 +117,15 @@ def test_ratios_and_markdown_with_a_failed_configuration():
     assert "| 0.75 |" in md
     assert f"- {broken['id']}, repeat 1, setup: StartError: boom" in md
     assert "not shown" not in md
+
+
+def test_plot_draws_every_pairing_in_its_own_colour(tmp_path):
+    configs = [_config(system, {m.key: 1.0 + i for m in bench.TABLE_METRICS})
+               for i, system in enumerate(bench.PAIRINGS)]
+    path = tmp_path / "bench.png"
+    bench.render_plot(_result(configs), path)
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+    assert len(set(bench._COLOURS.values())) == len(bench.PAIRINGS)
 
 
 def test_cpu_seconds_counts_a_child_process():

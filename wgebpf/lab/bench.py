@@ -11,11 +11,13 @@ of wgebpf.lab.netns (two namespaces joined by one veth cable):
    |   192.0.2.1  ------------+-------------+-  192.0.2.2              |
    +--------------------------+             +--------------------------+
 
-Configurations: the pairings wgebpf <-> wgebpf, wgebpf <-> wireguard-go
-and wireguard-go <-> wireguard-go; each pairing with wgebpf in it once per
-Workers count and PeerSelection mode (the same on both wgebpf sides).
-Traffic flows from A to B, so in the mixed pairing wgebpf encrypts and
-wireguard-go decrypts; both sides' CPU is reported.
+Configurations: the pairings wgebpf <-> wgebpf, wgebpf <-> wireguard-go,
+wireguard-go <-> wgebpf and wireguard-go <-> wireguard-go; each pairing
+with wgebpf in it once per Workers count and PeerSelection mode (the same
+on both wgebpf sides). Traffic flows from A to B, so the two mixed
+pairings measure both directions: in wgebpf <-> wireguard-go wgebpf
+encrypts and wireguard-go decrypts, in wireguard-go <-> wgebpf the other
+way round. Both sides' CPU is reported.
 
 The schedule is round-robin: repeat 1 of every configuration, then repeat
 2 of every configuration, ... (ABCABC, never AAABBB), so a drift in the
@@ -73,7 +75,8 @@ from . import netns
 
 PAIRINGS: dict[str, tuple[str, str]] = {
     "wgebpf-wgebpf": ("wgebpf", "wgebpf"),
-    "wgebpf-wireguard-go": ("wgebpf", "wireguard-go"),
+    "wgebpf-wireguard-go": ("wgebpf", "wireguard-go"),     # wgebpf sends
+    "wireguard-go-wgebpf": ("wireguard-go", "wgebpf"),     # wgebpf receives
     "wireguard-go-wireguard-go": ("wireguard-go", "wireguard-go"),
 }
 BASELINE = "wireguard-go-wireguard-go"
@@ -677,7 +680,7 @@ def render_markdown(result: dict) -> str:
 
 
 _COLOURS = {"wgebpf-wgebpf": "#1f77b4", "wgebpf-wireguard-go": "#2ca02c",
-            "wireguard-go-wireguard-go": "#7f7f7f"}
+            "wireguard-go-wgebpf": "#ff7f0e", "wireguard-go-wireguard-go": "#7f7f7f"}
 
 
 # matplotlib is the optional extra `bench` (pyproject.toml): only the plot
