@@ -197,6 +197,7 @@ class Harness:
             theirs.setblocking(False)
             worker = RecordingWorker(theirs, init, fds)
             worker.conn.send = self._uplink(worker)
+            worker.conn.send_run = self._uplink_run(worker)
             self.workers[init.worker_id] = worker
             handle = self.pool.workers[init.worker_id - 1]
             self.processes[init.worker_id] = handle.process
@@ -209,6 +210,13 @@ class Harness:
             self.network.in_flight.append(item)
             self.network.sent_log.append(item)
         return send
+
+    def _uplink_run(self, worker):
+        # A run of equal-size datagrams (one GSO send on a real socket).
+        def send_run(sock, view, size: int, endpoint: tuple) -> None:
+            for start in range(0, len(view), size):
+                worker.conn.send(view[start:start + size], endpoint)
+        return send_run
 
     def pump(self, rounds: int = 20) -> None:
         """Run workers, pool and network until nothing moves."""

@@ -24,6 +24,7 @@ class Init:
     worker_id: int
     name: str
     mtu: int
+    vnet_hdr: bool = False          # the TUN's reads and writes carry virtio-net headers
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,7 +127,8 @@ class WorkerPool:
         worker.process = self.launcher(theirs)
         worker.started = self.clock.monotonic()
         worker.control = ours
-        channel.send(ours, Init(worker.position, self.device.name, self.device.mtu),
+        channel.send(ours, Init(worker.position, self.device.name, self.device.mtu,
+                                 getattr(self.tun, "vnet_hdr", False)),
                      [s.fileno() for s in self.conn.position(worker.position)])
         ours.setblocking(False)
         if self.selector is not None:

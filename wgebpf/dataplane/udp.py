@@ -4,6 +4,7 @@ the underlay interface, marked with FwMark."""
 import errno
 import logging
 import socket
+import struct
 from typing import Callable
 
 log = logging.getLogger("wgebpf")
@@ -12,6 +13,24 @@ SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SOCKET_BUFFER = 4 << 20
 RECV_BATCH = 64
+
+# UDP segmentation offload, <linux/udp.h>. Send: one sendmsg carries up to
+# GSO_MAX_SEGMENTS datagrams of one size (the last may be shorter), named by
+# a UDP_SEGMENT cmsg (a u16); the kernel splits them as late as it can.
+# Receive: with UDP_GRO on, one recvmsg may return many datagrams of one
+# flow back to back, and a UDP_GRO cmsg (an int) gives their size.
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+GSO_MAX_SEGMENTS = 64                  # the kernel's UDP_MAX_SEGMENTS
+GSO_MAX_BYTES = 65535 - 20 - 8         # one IPv4 datagram's payload, the smaller limit
+GRO_BUFFER = 65536
+_U16 = struct.Struct("=H")
+_INT = struct.Struct("=i")
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(_INT.size)
+# errnos that mean "this socket or its route cannot do GSO", not "this packet
+# was lost": EIO comes from an egress device without checksum offload.
+_GSO_REFUSED = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 
 
 def normalize(address: tuple) -> tuple[str, int]:
@@ -35,6 +54,64 @@ def receive_batch(sock: socket.socket) -> list:
             continue
         out.append((data, normalize(address)))
     return out
+
+
+def enable_gro(sock: socket.socket) -> bool:
+    """Ask for coalesced receives on sock; False where the kernel refuses."""
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def receive_coalesced(sock: socket.socket, buf: bytearray) -> tuple[int, int, tuple] | None:
+    """One recvmsg into buf: (bytes, datagram size, source), None when the
+    socket is empty. The bytes are back-to-back datagrams of one source, each
+    `size` long but the last (which may be shorter); size == bytes when the
+    kernel coalesced nothing. ICMP errors queued on the socket are skipped."""
+    while True:
+        try:
+            nbytes, ancillary, _, address = sock.recvmsg_into([buf], _GRO_CMSG_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            continue                # ECONNREFUSED etc.: not ours to act on
+        size = nbytes
+        for level, kind, data in ancillary:
+            if level == SOL_UDP and kind == UDP_GRO and len(data) >= _INT.size:
+                size = _INT.unpack_from(data)[0] or nbytes
+        return nbytes, size, normalize(address)
+
+
+class SegmentSender:
+    """Sends runs of equal-size datagrams to one endpoint with one sendmsg
+    each (UDP GSO), and falls back for good to one sendto per datagram on a
+    socket whose kernel, route or device refuses GSO."""
+
+    def __init__(self):
+        self.refused: set[int] = set()          # fds of sockets that cannot GSO
+        self.errors = 0                          # datagrams lost to send errors
+
+    def send(self, sock: socket.socket, view: memoryview, size: int, endpoint: tuple) -> None:
+        """view holds back-to-back datagrams of `size` bytes, the last one
+        possibly shorter; at most GSO_MAX_SEGMENTS of them."""
+        if len(view) > size and sock.fileno() not in self.refused:
+            try:
+                sock.sendmsg([view], [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))], 0, endpoint)
+                return
+            except OSError as exc:
+                if exc.errno not in _GSO_REFUSED:
+                    self.errors += -(-len(view) // size)
+                    return
+                self.refused.add(sock.fileno())
+                log.info("UDP GSO refused (%s): one send per datagram on this socket",
+                         exc.strerror)
+        for start in range(0, len(view), size):
+            try:
+                sock.sendto(view[start:start + size], endpoint)
+            except OSError:
+                self.errors += 1
 
 
 class UDPConn:

@@ -34,8 +34,9 @@ from .commands import (EndpointLearned, HandshakeConfirmed, Init, InstallKeypair
                        ReleasedIndices, ReplaceSockets, SendKeepalive, SendStaged, SetEndpoint,
                        SocketsDone, Stats, StatsRequest, Stop, TimerEvents, ZeroKeys)
 from ..wireguard import send
-from .tun import TUN_BATCH
-from .udp import receive_batch
+from . import tcpgro
+from .batch import ReceiveBatch, SendBatch
+from .udp import SegmentSender, enable_gro
 from ..wireguard.device import Device, LocalDataplane
 from ..wireguard.noise import Keypair
 from ..wireguard.timers import Timing
@@ -115,20 +116,34 @@ class WorkerDataplane(LocalDataplane):
 
 
 class WorkerConn:
-    """The worker's own pair of reuseport sockets (IPv4, IPv6)."""
+    """The worker's own pair of reuseport sockets (IPv4, IPv6), coalescing
+    on receive (UDP GRO) where the kernel allows it."""
 
     def __init__(self, fds: list[int]):
         self.sockets = [socket.socket(fileno=fd) for fd in fds]
         for sock in self.sockets:
             sock.setblocking(False)
+            enable_gro(sock)
+        self.segments = SegmentSender()
         self.send_errors = 0
 
+    def socket_for(self, endpoint: tuple) -> socket.socket:
+        return self.sockets[1] if ":" in endpoint[0] else self.sockets[0]
+
     def send(self, data: bytes, endpoint: tuple) -> None:
-        sock = self.sockets[1] if ":" in endpoint[0] else self.sockets[0]
         try:
-            sock.sendto(data, endpoint)
+            self.socket_for(endpoint).sendto(data, endpoint)
         except OSError:
             self.send_errors += 1
+
+    def send_run(self, sock: socket.socket, view: memoryview, size: int, endpoint: tuple) -> None:
+        """Back-to-back datagrams of `size` bytes (the last may be shorter)."""
+        self.segments.send(sock, view, size, endpoint)
+
+    def take_send_errors(self) -> int:
+        errors = self.send_errors + self.segments.errors
+        self.send_errors = self.segments.errors = 0
+        return errors
 
     def replace(self, fds: list[int]) -> None:
         old = self.sockets
@@ -138,10 +153,12 @@ class WorkerConn:
 
 
 class WorkerTun:
-    """The TUN queues of the owned peers, by slot (= queue number)."""
+    """The TUN queues of the owned peers, by slot (= queue number). With
+    vnet_hdr every read and write carries a virtio-net header (tun.py)."""
 
-    def __init__(self):
+    def __init__(self, vnet_hdr: bool = False):
         self.fds: dict[int, int] = {}
+        self.vnet_hdr = vnet_hdr
         self.write_errors = 0
 
     def write(self, packet: bytes, queue: int) -> None:
@@ -149,25 +166,40 @@ class WorkerTun:
         if fd is None:
             return
         try:
-            os.write(fd, packet)
-        except (BlockingIOError, OSError):
+            if self.vnet_hdr:
+                os.writev(fd, (tcpgro.PLAIN_HDR, packet))
+            else:
+                os.write(fd, packet)
+        except OSError:
             self.write_errors += 1
 
-    def read(self, queue: int) -> bytes | None:
-        try:
-            return os.read(self.fds[queue], 65536)
-        except (BlockingIOError, InterruptedError):
-            return None
+    def write_many(self, packets: list, queue: int) -> None:
+        """A peer's decrypted packets, in order; TCP segments of one flow
+        coalesced into super-packets when the TUN takes virtio-net headers."""
+        fd = self.fds.get(queue)
+        if fd is None:
+            return
+        for buffer in (tcpgro.coalesce(packets) if self.vnet_hdr else packets):
+            try:
+                os.write(fd, buffer)
+            except OSError:
+                self.write_errors += 1
+
+    def take_write_errors(self) -> int:
+        errors, self.write_errors = self.write_errors, 0
+        return errors
 
 
 class Worker:
     def __init__(self, control: socket.socket, init: Init, socket_fds):
         self.control = control
         self.id = init.worker_id
-        self.tun = WorkerTun()
+        self.tun = WorkerTun(init.vnet_hdr)
         self.conn = WorkerConn(socket_fds)
         self.device = Device(init.name, None, tun=self.tun, conn=self.conn,
                              mtu=init.mtu, timing=Timing.from_environment())
+        self.sending = SendBatch(init.mtu, self.conn, init.vnet_hdr)
+        self.receiving = ReceiveBatch(init.mtu, self.tun, init.vnet_hdr)
         self.device.attach_actions(WorkerActions(self))
         self.device.attach_dataplane(WorkerDataplane(self))
         self.by_slot: dict[int, object] = {}
@@ -338,11 +370,10 @@ class Worker:
             if peer.drops:
                 out[slot] = dict(peer.drops)
                 peer.drops.clear()
-        for reason, holder, attr in (("udp_send_failed", self.conn, "send_errors"),
-                                     ("tun_write_failed", self.tun, "write_errors")):
-            if getattr(holder, attr):
-                drops[reason] = drops.get(reason, 0) + getattr(holder, attr)
-                setattr(holder, attr, 0)
+        for reason, errors in (("udp_send_failed", self.conn.take_send_errors()),
+                               ("tun_write_failed", self.tun.take_write_errors())):
+            if errors:
+                drops[reason] = drops.get(reason, 0) + errors
         return out
 
     # --- the loop ---------------------------------------------------------------------
@@ -359,8 +390,7 @@ class Worker:
                 if kind == "tun":
                     self._drain_tun(arg)
                 elif kind == "udp":
-                    for data, source in receive_batch(arg):
-                        self.device.on_datagram(data, source)
+                    self.receiving.drain(self.device, arg)
                 else:
                     self._drain_control()
             if time.monotonic() >= next_stats:
@@ -370,13 +400,8 @@ class Worker:
 
     def _drain_tun(self, slot: int) -> None:
         peer = self.by_slot.get(slot)
-        if peer is None:
-            return
-        for _ in range(TUN_BATCH):
-            packet = self.tun.read(slot)
-            if packet is None:
-                return
-            send.packet_for_peer(self.device, peer, packet)
+        if peer is not None:
+            self.sending.drain(self.device, peer, self.tun.fds[slot])
 
     def _drain_control(self) -> None:
         while True:

@@ -8,6 +8,7 @@ which only libsodium (PyNaCl) offers here.
 import hashlib
 import hmac as _hmac
 import os
+import struct
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -20,7 +21,7 @@ from nacl.exceptions import CryptoError
 
 __all__ = ["AuthenticationError", "HASH", "MAC", "HMAC", "KDF1", "KDF2", "KDF3",
            "DH", "DH_GENERATE", "DH_PUBKEY", "AEAD", "AEAD_OPEN", "XAEAD",
-           "XAEAD_OPEN", "aead_nonce", "ZERO_KEY"]
+           "XAEAD_OPEN", "AEAD_NONCE", "aead_nonce", "ZERO_KEY"]
 
 ZERO_KEY = bytes(32)
 
@@ -80,9 +81,13 @@ def DH(private: bytes, public: bytes) -> bytes:
         X25519PublicKey.from_public_bytes(public))
 
 
+# The data messages' nonce: 32 zero bits then the 64-bit little-endian
+# counter (whitepaper 5.4).
+AEAD_NONCE = struct.Struct("<4xQ")
+
+
 def aead_nonce(counter: int) -> bytes:
-    # 32 zero bits then the 64-bit little-endian counter (whitepaper 5.4).
-    return b"\x00\x00\x00\x00" + counter.to_bytes(8, "little")
+    return AEAD_NONCE.pack(counter)
 
 
 def AEAD(key: bytes, counter: int, plaintext: bytes, authtext: bytes) -> bytes:

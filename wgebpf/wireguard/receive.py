@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidTag
 
 from . import send
 from .cookie import MacState
-from .crypto import aead_nonce
+from .crypto import AEAD_NONCE, aead_nonce
 from .messages import (DATA_HEADER, MESSAGE_DATA, MESSAGE_HANDSHAKE_COOKIE,
                        MESSAGE_HANDSHAKE_INITIATION,
                        is_well_formed, message_type)
@@ -152,11 +152,43 @@ def handle_data(device, data: bytes, source: tuple) -> None:
         deliver(device, peer, plaintext)
 
 
-def authenticated(device, peer, keypair, source: tuple, size: int, now: float) -> None:
-    """Everything an authenticated data message changes besides delivery."""
+def open_into(device, message, out, now: float):
+    """The batched form of handle_data's checks and decryption: open the
+    data message `message` (a well-formed one: type 4, at least 32 bytes)
+    into `out`, exactly len(message) - 32 bytes long. Returns its keypair,
+    or None when it was dropped (and counted). The caller then calls
+    authenticated() once per keypair and batch, and delivers."""
+    _, receiver, counter = DATA_HEADER.unpack_from(message)
+    entry = device.indices.get(receiver)
+    keypair = entry[1] if entry is not None else None
+    if keypair is None or keypair is entry[0].handshake:
+        device.drop("unknown_index")
+        return None
+    if not keypair.can_receive(now):
+        device.drop("expired_keypair", entry[0])
+        return None
+    if not keypair.replay.would_accept(counter):
+        device.drop("replay", entry[0])
+        return None
+    try:
+        keypair.receiving.decrypt_into(AEAD_NONCE.pack(counter), message[DATA_HEADER.size:],
+                                       None, out)
+    except InvalidTag:
+        device.drop("auth_failed", entry[0])
+        return None
+    if not keypair.replay.accept(counter):
+        device.drop("replay", entry[0])
+        return None
+    return keypair
+
+
+def authenticated(device, peer, keypair, source: tuple, size: int, now: float,
+                  messages: int = 1) -> None:
+    """Everything authenticated data messages (`messages` of them, `size`
+    bytes in all, the last from `source`) change besides delivery."""
     peer.set_endpoint(source)                              # roaming
     peer.rx_bytes += size
-    peer.stats.rx_packets += 1
+    peer.stats.rx_packets += messages
     if peer.keypairs.received_with(keypair):
         device.release_retired_keypairs(peer)
         peer.stats.handshakes_completed += 1

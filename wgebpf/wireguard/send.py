@@ -31,8 +31,8 @@ test devices.
 import logging
 
 from . import icmp
-from .crypto import aead_nonce
-from .messages import (DATA_HEADER, MESSAGE_DATA, MESSAGE_PADDING_MULTIPLE,
+from .crypto import AEAD_NONCE, aead_nonce
+from .messages import (AEAD_TAG_LEN, DATA_HEADER, MESSAGE_DATA, MESSAGE_PADDING_MULTIPLE,
                        REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES,
                        KEEPALIVE_TIMEOUT, REKEY_TIMEOUT)
 from . import tai64n
@@ -135,10 +135,14 @@ def send_keepalive(device, peer) -> None:
     send_staged(device, peer)
 
 
+def padded_length(size: int, mtu: int) -> int:
+    """A multiple of 16 (hides exact lengths) but never beyond the MTU."""
+    return min(-(-size // MESSAGE_PADDING_MULTIPLE) * MESSAGE_PADDING_MULTIPLE, max(mtu, size))
+
+
 def pad(packet: bytes, mtu: int) -> bytes:
-    """Pad to a multiple of 16 (hides exact lengths) but never beyond the MTU."""
     size = len(packet)
-    padded = min(-(-size // MESSAGE_PADDING_MULTIPLE) * MESSAGE_PADDING_MULTIPLE, max(mtu, size))
+    padded = padded_length(size, mtu)
     return packet + bytes(padded - size) if padded > size else packet
 
 
@@ -155,6 +159,45 @@ def encrypt_and_send(device, peer, keypair, packet: bytes) -> None:
     timers.any_authenticated_packet_sent()
     if packet:
         timers.data_sent()
+
+
+# --- the batched form of encrypt_and_send, for workers ------------------------------------
+
+def sendable_keypair(peer, now: float):
+    """The keypair a packet for `peer` may be sealed with at once, or None
+    when packet_for_peer would stage it (the same conditions)."""
+    keypair = peer.keypairs.current
+    if (peer.staged or keypair is None or peer.endpoint is None or not keypair.can_send(now)
+            or keypair.send_counter >= REJECT_AFTER_MESSAGES):
+        return None
+    return keypair
+
+
+def seal_into(keypair, plaintext, out) -> int:
+    """Write the data message for `plaintext` (already padded) at the start
+    of the writable buffer `out`, taking the keypair's next counter; return
+    its length. The caller checks send_counter < REJECT_AFTER_MESSAGES."""
+    counter = keypair.send_counter
+    keypair.send_counter = counter + 1
+    DATA_HEADER.pack_into(out, 0, MESSAGE_DATA, keypair.remote_index, counter)
+    end = DATA_HEADER.size + len(plaintext) + AEAD_TAG_LEN
+    keypair.sending.encrypt_into(AEAD_NONCE.pack(counter), plaintext, None,
+                                 out[DATA_HEADER.size:end])
+    return end
+
+
+def sealed_batch(device, peer, keypair, messages: int, size: int, data: bool, now: float) -> None:
+    """What `messages` data messages of `size` bytes in all, sent to peer
+    with keypair, change besides the wire: counters, timer events (once a
+    batch: they are flags), the rekey check."""
+    peer.tx_bytes += size
+    peer.stats.tx_packets += messages
+    timers = peer.timers
+    timers.any_authenticated_packet_traversal()
+    timers.any_authenticated_packet_sent()
+    if data:
+        timers.data_sent()
+    keep_key_fresh(device, peer, keypair, now)
 
 
 def keep_key_fresh(device, peer, keypair, now: float) -> None:
