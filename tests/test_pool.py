@@ -231,7 +231,7 @@ class Harness:
                 for slot in list(worker.by_slot):
                     worker._drain_tun(slot)
                 moved |= len(worker.handled) != before or bool(worker.outbox or worker.events)
-                worker.flush()
+                worker.flush(force=True)
             for handle in self.pool.workers:
                 if handle.control is not None:
                     moved |= self.pool.on_readable(handle) is not None

@@ -111,7 +111,7 @@ class Attachment:
         self.state = RuntimeState(name=self.name, pid=os.getpid(), underlay=self.underlay)
         self.state.save()
         link.run_hooks(iface.pre_up, self.name)
-        self.tun = Tun.create(self.name)
+        self.tun = Tun.create(self.name, vnet_hdr=True)
         mtu = iface.mtu or DEFAULT_MTU
         link.configure(self.name, iface.addresses, mtu)
         self._device_sysctls()

@@ -44,6 +44,11 @@ from ..wireguard.timers import Timing
 log = logging.getLogger("wgebpf")
 
 STATS_INTERVAL = 0.5
+# Timer events reach the control plane at most this often (the first of a
+# quiet spell at once). They are flags, so a batch loses nothing, and the
+# timers they feed run in seconds; one message per wake-up cost a pickle
+# and two system calls per few packets under load.
+EVENT_INTERVAL = 0.05
 HANDSHAKE_REQUEST_INTERVAL = 1.0
 
 # Timer events, in the order the control plane applies a batch of them.
@@ -208,6 +213,7 @@ class Worker:
         self.released: list[int] = []
         self.device.add_index_watcher(self)
         self.last_request: dict[int, float] = {}
+        self.next_events = 0.0            # monotonic time the next TimerEvents may go
         self.counters = {"rx_packets": 0, "tx_packets": 0, "rx_bytes": 0, "tx_bytes": 0}
         self.selector = selectors.DefaultSelector()
         self.selector.register(control, selectors.EVENT_READ, ("control", None))
@@ -336,10 +342,12 @@ class Worker:
             self.last_request[peer.queue] = now
             self.outbox.append(NeedHandshake(peer.queue))
 
-    def flush(self) -> None:
-        if self.events:
+    def flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.events and (force or now >= self.next_events):
             self.outbox.append(TimerEvents(self.events))
             self.events = {}
+            self.next_events = now + EVENT_INTERVAL
         if self.released:
             self.outbox.append(ReleasedIndices(tuple(self.released)))
             self.released = []
@@ -383,7 +391,7 @@ class Worker:
         while self.running:
             # Control first: a new keypair must be installed before the data
             # that the same wake-up brought for it is looked up.
-            events = sorted(self.selector.select(STATS_INTERVAL),
+            events = sorted(self.selector.select(self._timeout()),
                             key=lambda event: event[0].data[0] != "control")
             for key, _ in events:
                 kind, arg = key.data
@@ -397,6 +405,12 @@ class Worker:
                 next_stats = time.monotonic() + STATS_INTERVAL
                 self.outbox.append(self.stats())
             self.flush()
+
+    def _timeout(self) -> float:
+        """How long the loop may sleep: withheld timer events must still go."""
+        if not self.events:
+            return STATS_INTERVAL
+        return min(STATS_INTERVAL, max(0.0, self.next_events - time.monotonic()))
 
     def _drain_tun(self, slot: int) -> None:
         peer = self.by_slot.get(slot)
