@@ -28,7 +28,7 @@ PACKAGES=(
     python3-bpfcc libbpfcc bpfcc-tools linux-headers-amd64
     python3-venv python3-nftables nftables
     wireguard-go wireguard-tools
-    iperf3 iputils-ping iproute2 tcpdump bpftool bird2 prometheus
+    iperf3 iputils-ping iproute2 tcpdump bpftool bird2 prometheus ethtool
 )
 
 say() { printf 'setup: %s\n' "$*"; }

@@ -275,6 +275,11 @@ def veth(a: Namespace, b: Namespace, a_addrs: Iterable[str] = (),
         # seconds of routed IPv6 are lost. (Only veths: the WireGuard
         # interfaces keep the kernel's defaults, as on a real host.)
         ns.sysctl(f"net.ipv6.conf.{name}.accept_dad", 0)
+        # GRO on, as physical NICs have it by default (a veth has it off).
+        # It matters once an XDP program (the guard) is on a veth: the
+        # veth then splits UDP GSO sends into datagrams, and only GRO at
+        # the receiving end joins them again for a UDP_GRO socket.
+        ns.run(["ethtool", "-K", name, "gro", "on"])
     for ns, name, addrs in ((a, name_a, a_addrs), (b, name_b, b_addrs)):
         for cidr in addrs:
             add_address(ns, name, cidr)
