@@ -44,10 +44,11 @@ from ..wireguard.timers import Timing
 log = logging.getLogger("wgebpf")
 
 STATS_INTERVAL = 0.5
-# Timer events reach the control plane at most this often (the first of a
-# quiet spell at once). They are flags, so a batch loses nothing, and the
-# timers they feed run in seconds; one message per wake-up cost a pickle
-# and two system calls per few packets under load.
+# Timer events reach the control plane this long after the first of a
+# batch. They are flags, so a batch loses nothing, and the timers they feed
+# run in seconds. One message per wake-up cost a pickle and two system calls
+# per few packets under load, and woke the control plane right when the
+# packet's answer was on its way (ping latency).
 EVENT_INTERVAL = 0.05
 HANDSHAKE_REQUEST_INTERVAL = 1.0
 
@@ -213,7 +214,7 @@ class Worker:
         self.released: list[int] = []
         self.device.add_index_watcher(self)
         self.last_request: dict[int, float] = {}
-        self.next_events = 0.0            # monotonic time the next TimerEvents may go
+        self.events_due: float | None = None     # when the withheld TimerEvents go
         self.counters = {"rx_packets": 0, "tx_packets": 0, "rx_bytes": 0, "tx_bytes": 0}
         self.selector = selectors.DefaultSelector()
         self.selector.register(control, selectors.EVENT_READ, ("control", None))
@@ -343,11 +344,14 @@ class Worker:
             self.outbox.append(NeedHandshake(peer.queue))
 
     def flush(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.events and (force or now >= self.next_events):
-            self.outbox.append(TimerEvents(self.events))
-            self.events = {}
-            self.next_events = now + EVENT_INTERVAL
+        if self.events:
+            now = time.monotonic()
+            if self.events_due is None:
+                self.events_due = now + EVENT_INTERVAL
+            if force or now >= self.events_due:
+                self.outbox.append(TimerEvents(self.events))
+                self.events = {}
+                self.events_due = None
         if self.released:
             self.outbox.append(ReleasedIndices(tuple(self.released)))
             self.released = []
@@ -408,9 +412,9 @@ class Worker:
 
     def _timeout(self) -> float:
         """How long the loop may sleep: withheld timer events must still go."""
-        if not self.events:
+        if self.events_due is None:
             return STATS_INTERVAL
-        return min(STATS_INTERVAL, max(0.0, self.next_events - time.monotonic()))
+        return min(STATS_INTERVAL, max(0.0, self.events_due - time.monotonic()))
 
     def _drain_tun(self, slot: int) -> None:
         peer = self.by_slot.get(slot)
