@@ -877,8 +877,6 @@ def test_keepalive_delivers_nothing_but_counts(kernel):
     assert seen == ["auth_received", "traversal", "data_received"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a zero-length UDP datagram makes ReceiveBatch.drain "
-                   "raise ValueError (range() step 0): receive_coalesced returns size 0")
 def test_an_empty_datagram_is_dropped_and_disturbs_nothing(kernel):
     net = Net()
     r = Receiver(net, kernel, False, gro=True)

@@ -158,6 +158,9 @@ class ReceiveBatch:
                 break
             nbytes, size, source = got
             now = device.clock.monotonic()
+            if not nbytes:
+                device.on_datagram(b"", source)           # counted as malformed
+                continue
             view = self._buf
             for start in range(0, nbytes, size):
                 self.datagram(device, view[start:min(start + size, nbytes)], source, now)
