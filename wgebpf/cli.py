@@ -233,6 +233,8 @@ def bench(
     repeats: int = typer.Option(3, "--repeats", min=1, help="runs of each configuration"),
     seconds: float = typer.Option(5, "--seconds", help="length of each TCP run"),
     workers: str = typer.Option("1,2", "--workers", help="wgebpf Workers counts to compare"),
+    selections: str = typer.Option("nexthop,allowedips", "--selections",
+                                    help="wgebpf PeerSelection modes to compare"),
     quick: bool = typer.Option(False, "--quick",
                                help="1 repeat, 1-second runs, one configuration per pairing"),
 ):
@@ -249,8 +251,11 @@ def bench(
     if not re.fullmatch(r"\s*[0-9]{1,3}\s*(,\s*[0-9]{1,3}\s*)*", workers):
         fail(f"bench: --workers: expected counts like 1,2 (each 1..256), "
              f"not {redact_keys(workers[:40])!r}", 2)
+    if not re.fullmatch(r"\s*[a-z]{1,16}\s*(,\s*[a-z]{1,16}\s*)*", selections):
+        fail(f"bench: --selections: expected modes like nexthop,allowedips, "
+             f"not {redact_keys(selections[:40])!r}", 2)
     raise typer.Exit(bench_module.main(output_dir=output, repeats=repeats, seconds=seconds,
-                                       workers=workers, quick=quick))
+                                       workers=workers, selections=selections, quick=quick))
 
 
 # One run of one configuration; longer is a typo, not a measurement.
