@@ -18,6 +18,7 @@ RECEIVE = ["recvfrom per datagram", "recvmsg_into + UDP_GRO, sender sendto",
            "recvmsg_into + UDP_GRO, sender UDP_SEGMENT x32"]
 EXPECTED_ROWS = (
     [("TUN read", "os.read per packet"), ("TUN read", "os.readv into a preallocated buffer"),
+     ("TSO split", "checksum of one segment in Python"),
      ("encrypt", "encrypt (allocating) + header bytes"),
      ("encrypt", "encrypt_into + pack_into (preallocated)")]
     + [("UDP send", v) for v in SEND] + [("UDP send", v + ", XDP") for v in SEND]
@@ -25,6 +26,7 @@ EXPECTED_ROWS = (
     + [("replay window", "would_accept + accept, in order"),
        ("decrypt", "decrypt (allocating) of message[16:]"),
        ("decrypt", "decrypt_into a preallocated buffer"),
+       ("TCP GRO", "coalesce 44 segments of one flow"),
        ("TUN write", "os.write per packet (forwarded to a blackhole)"),
        ("channel", "send TimerEvents (pickle + send)"),
        ("channel", "receive TimerEvents (recv_fds + unpickle)")])
