@@ -115,6 +115,14 @@ struct wg_nexthop_stats {
 #define WG_CNT_FIB_OTHER_DEV	24	/* the flow's route left by another device: looked up
 					 * again pinned to this one */
 #define WG_CNT_FIB_DEST_FALLBACK 25	/* even that named another device: key = destination */
+/* Where the classifier's next hop came from (nexthop.c built with
+ * WG_ROUTE_DST; one of these per packet in nexthop mode): */
+#define WG_CNT_ROUTE_DST	26	/* read from the kernel's route (skb's dst) */
+/* Fallbacks to the FIB lookup, by reason: */
+#define WG_CNT_FB_NO_DST	27	/* the packet has no dst (AF_PACKET, tc redirect, test run) */
+#define WG_CNT_FB_FOREIGN_DST	28	/* its dst is not a route of the packet's family */
+#define WG_CNT_FB_OTHER_DEVICE	29	/* its dst's device is not this one */
+#define WG_CNT_FB_READ_FAILED	30	/* bpf_probe_read_kernel failed */
 #define WG_CNT_MAX		32
 
 /* ---- bpf_fib_lookup (kernel 6.10+ UAPI layout, our own names) ------------

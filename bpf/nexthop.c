@@ -1,14 +1,18 @@
 /* nexthop.c: pick the peer for every packet leaving the wgebpf TUN device.
  *
  * SCHED_CLS, direct action, on the TUN device's clsact egress hook. The
- * kernel has already routed the packet into the device; this program asks
- * the FIB again, with what the kernel used (addresses, L4 ports, protocol,
- * tos/flow label, the device, and the packet's mark for fwmark rules), which
- * next hop that route names: its gateway, or the destination itself when it
- * has none. The peer is the longest-prefix match of that next hop in the
- * peers' allowed-ips (wg_peers4 / wg_peers6). In allowedips mode
- * (WG_CFG_ALLOWEDIPS) the destination is the key and the FIB is not asked:
- * classic WireGuard.
+ * kernel has already routed the packet into the device and attached that
+ * route to it; built with -DWG_ROUTE_DST (and the WG_OFF_* offsets from the
+ * kernel's BTF, wgebpf/kernel/btf.py) this program reads the route's next
+ * hop: its gateway, or the destination itself when it has none. So every
+ * rule selector and ECMP hash comes out exactly as the kernel decided.
+ * Where the packet has no usable route (see route_nexthop) and in builds
+ * without WG_ROUTE_DST, it asks the FIB again instead (fib_nexthop), with
+ * what it can pass (addresses, L4 ports, protocol, tos/flow label, the
+ * device, and the packet's mark for fwmark rules). The peer is the
+ * longest-prefix match of the next hop in the peers' allowed-ips
+ * (wg_peers4 / wg_peers6). In allowedips mode (WG_CFG_ALLOWEDIPS) the
+ * destination is the key and neither is done: classic WireGuard.
  *
  * The verdict is a TUN queue number, left in skb->queue_mapping for
  * tun_steer.c, which runs right after this program in the same
@@ -19,22 +23,24 @@
  *   queue_mapping = slot  a peer owns the key (slot 1..255)
  *   queue_mapping = 0     no peer: the control plane gets the packet and
  *                         answers with ICMP unreachable
- * Every packet is counted under one reason in wg_counters (common.h).
- * ECMP: the lookup hashes the flow (addresses, ports, protocol, as
- * net.ipv4.fib_multipath_hash_policy says), so a flow keeps its peer and
- * flows spread over the paths; the path is not always the one the kernel's
- * own lookup took for the packet (that lookup may hash other inputs, e.g. a
- * source address of 0 before one was chosen), but it is always one of the
- * route's paths.
+ * Every packet is counted under one reason in wg_counters (common.h), and
+ * in nexthop mode under where its next hop came from (WG_CNT_ROUTE_DST or a
+ * WG_CNT_FB_* fallback reason).
+ * ECMP, fallback only: the lookup hashes the flow (addresses, ports,
+ * protocol, as net.ipv4.fib_multipath_hash_policy says), so a flow keeps its
+ * peer and flows spread over the paths; the path is not always the one the
+ * kernel's own lookup took for the packet (that lookup may hash other
+ * inputs, e.g. a source address of 0 before one was chosen), but it is
+ * always one of the route's paths.
  *
  * Return value: always TC_ACT_OK. Nothing is dropped here; queue 0 is where
  * the unwanted ones go, so the control plane can tell the sender.
  *
- * Rule selectors the lookup honours: from, to, tos/dsfield, fwmark (6.10+),
- * ipproto, sport, dport. Not honoured: uidrange (the lookup has no socket),
- * iif (the lookup runs as if the packet came in through this device),
- * oif and l3mdev/VRF of the sending socket. Rules keyed on those may choose
- * differently from the kernel's own route.
+ * Rule selectors the fallback lookup honours: from, to, tos/dsfield, fwmark
+ * (6.10+), ipproto, sport, dport. Not honoured: uidrange (the lookup has no
+ * socket), iif (the lookup runs as if the packet came in through this
+ * device), oif and l3mdev/VRF of the sending socket. Rules keyed on those
+ * may choose differently from the kernel's own route.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -249,6 +255,135 @@ static __always_inline int fib_nexthop(struct __sk_buff *skb, struct wg_fib_look
 	return 0;
 }
 
+#ifdef WG_ROUTE_DST
+/* ---- The route the kernel already chose (compiled with -DWG_ROUTE_DST) ----
+ * By tc egress the kernel has routed the packet and attached the result to
+ * the skb: skb->_skb_refdst, a struct dst_entry pointer (bit 0 is
+ * SKB_DST_NOREF, not part of the address). For IPv4 that dst is the start of
+ * a struct rtable, for IPv6 of a struct rt6_info; their gateway is the next
+ * hop the kernel's own lookup picked, with every rule selector (uidrange,
+ * oif, iif, l3mdev), ECMP hash and nexthop object already applied. Reading
+ * it instead of asking the FIB again is both exact and cheaper.
+ *
+ * These structs are kernel-internal, so the offsets (WG_OFF_*) come from the
+ * running kernel's BTF at load time (wgebpf/kernel/btf.py); the program can
+ * only reach them through bpf_probe_read_kernel (a plain load from ctx at
+ * that offset is refused by the verifier). Each read is checked; anything
+ * unexpected returns a fallback reason and the caller asks the FIB. */
+
+#define WG_SKB_DST_NOREF	1UL
+#define WG_RTF_GATEWAY		0x2	/* include/uapi/linux/ipv6_route.h */
+
+static __always_inline int kread(void *dst, u32 size, unsigned long addr)
+{
+	return bpf_probe_read_kernel(dst, size, (void *)addr);
+}
+
+/* The packet's dst entry, checked to be a route of the packet's family on
+ * this device. Returns 0 and sets *dst, or a WG_CNT_FB_* reason. */
+static __always_inline int packet_dst(struct __sk_buff *skb, u8 family, unsigned long *dst)
+{
+	unsigned long refdst = 0, ops = 0, dev = 0;
+	u16 dst_family = 0;
+	int ifindex = 0;
+
+	if (kread(&refdst, sizeof(refdst), (unsigned long)skb + WG_OFF_SKB_REFDST))
+		return WG_CNT_FB_READ_FAILED;
+	*dst = refdst & ~WG_SKB_DST_NOREF;
+	/* None: injected with AF_PACKET, redirected from another device, or a
+	 * BPF_PROG_TEST_RUN packet. */
+	if (!*dst)
+		return WG_CNT_FB_NO_DST;
+	if (kread(&ops, sizeof(ops), *dst + WG_OFF_DST_OPS) ||
+	    !ops || kread(&dst_family, sizeof(dst_family), ops + WG_OFF_DST_OPS_FAMILY))
+		return WG_CNT_FB_READ_FAILED;
+	/* Not an rtable/rt6_info of this packet's family (e.g. a metadata or
+	 * xfrm dst, or IPv4 in IPv6): its layout is not the one we read. */
+	if (dst_family != family)
+		return WG_CNT_FB_FOREIGN_DST;
+	if (kread(&dev, sizeof(dev), *dst + WG_OFF_DST_DEV) ||
+	    !dev || kread(&ifindex, sizeof(ifindex), dev + WG_OFF_DEV_IFINDEX))
+		return WG_CNT_FB_READ_FAILED;
+	/* A route through another device (tc redirect into ours): its gateway
+	 * is not a next hop behind this device. */
+	if (ifindex != skb->ifindex)
+		return WG_CNT_FB_OTHER_DEVICE;
+	return 0;
+}
+
+/* IPv4: the rtable's gateway, by its family (RFC 5549 routes carry an IPv6
+ * gateway); none means on-link and `key` keeps the destination. */
+static __always_inline int route_gateway4(unsigned long rt, struct wg_nexthop_key *key)
+{
+	u8 gw_family = 0;
+
+	if (kread(&gw_family, sizeof(gw_family), rt + WG_OFF_RT_GW_FAMILY))
+		return WG_CNT_FB_READ_FAILED;
+	if (gw_family == WG_AF_INET) {
+		__builtin_memset(key->addr, 0, sizeof(key->addr));
+		if (kread(key->addr, 4, rt + WG_OFF_RT_GW4))
+			return WG_CNT_FB_READ_FAILED;
+	} else if (gw_family == WG_AF_INET6) {
+		if (kread(key->addr, 16, rt + WG_OFF_RT_GW6))
+			return WG_CNT_FB_READ_FAILED;
+	} else if (gw_family != 0) {
+		return WG_CNT_FB_FOREIGN_DST;
+	}
+	if (gw_family)
+		key->family = gw_family;
+	return 0;
+}
+
+/* IPv6: the rt6_info's gateway when the route has one (RTF_GATEWAY); else
+ * on-link and `key` keeps the destination. */
+static __always_inline int route_gateway6(unsigned long rt, struct wg_nexthop_key *key)
+{
+	u32 flags = 0;
+
+	if (kread(&flags, sizeof(flags), rt + WG_OFF_RT6_FLAGS))
+		return WG_CNT_FB_READ_FAILED;
+	if (flags & WG_RTF_GATEWAY)
+		return kread(key->addr, 16, rt + WG_OFF_RT6_GATEWAY) ? WG_CNT_FB_READ_FAILED : 0;
+	return 0;
+}
+
+/* The next hop of the kernel's own route into `key` (which holds the
+ * destination on entry). Returns 0, or the WG_CNT_FB_* reason to fall back
+ * to the FIB lookup; on a fallback `key` may be half written, and the
+ * caller rebuilds it. */
+static __always_inline int route_nexthop(struct __sk_buff *skb, struct wg_nexthop_key *key)
+{
+	unsigned long dst = 0;
+	int reason = packet_dst(skb, key->family, &dst);
+
+	if (reason)
+		return reason;
+	if (key->family == WG_AF_INET)
+		return route_gateway4(dst, key);
+	return route_gateway6(dst, key);
+}
+#endif /* WG_ROUTE_DST */
+
+/* The next hop into `key` (the destination on entry): the kernel's route
+ * when this build reads it, else, or when it cannot be read, a FIB lookup.
+ * Returns 0 or the counter index of the reason there is no next hop. */
+static __always_inline int nexthop_of(struct __sk_buff *skb, struct wg_fib_lookup *fib,
+				      struct wg_nexthop_key *key, u32 fib_flags)
+{
+#ifdef WG_ROUTE_DST
+	int fallback = route_nexthop(skb, key);
+
+	if (!fallback) {
+		count(WG_CNT_ROUTE_DST);
+		return 0;
+	}
+	count(fallback);
+	__builtin_memset(key, 0, sizeof(*key));
+	key_from_fib(key, fib);
+#endif
+	return fib_nexthop(skb, fib, key, fib_flags, 1);
+}
+
 static __always_inline void count_nexthop(struct wg_nexthop_key *key, u32 len)
 {
 	struct wg_nexthop_stats *st = wg_nexthops.lookup(key);
@@ -308,7 +443,7 @@ int wg_nexthop(struct __sk_buff *skb)
 
 	key_from_fib(&key, &fib);	/* the destination */
 	if (!(cfg->flags & WG_CFG_ALLOWEDIPS)) {
-		reason = fib_nexthop(skb, &fib, &key, cfg->fib_flags, 1);
+		reason = nexthop_of(skb, &fib, &key, cfg->fib_flags);
 		if (reason)
 			return verdict(skb, WG_QUEUE_CONTROL, reason);
 		count_nexthop(&key, skb->len);

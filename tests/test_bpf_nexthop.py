@@ -22,6 +22,7 @@ import ipaddress
 import secrets
 import select
 import socket
+import struct
 import time
 
 import pytest
@@ -50,7 +51,7 @@ from nsutil import fresh_netns, sh  # noqa: F401  (the netns fixture)
 class Datapath:
     """TUN + classifier + steering, peers 1..3 on their tunnel addresses."""
 
-    def __init__(self):
+    def __init__(self, read_route: bool = True):
         self.name = f"wgt{secrets.token_hex(4)}"
         self.tun = Tun.create(self.name, QUEUES)
         self.classifier = self.steering = None
@@ -63,7 +64,7 @@ class Datapath:
                # bpf_fib_lookup refuses (FWD_DISABLED) without forwarding on the device
                f" && sysctl -qw net.ipv4.conf.{dev}.forwarding=1"
                f" && sysctl -qw net.ipv6.conf.{dev}.forwarding=1")
-            self.classifier = NextHopClassifier(dev, queues=QUEUES)
+            self.classifier = NextHopClassifier(dev, queues=QUEUES, read_route=read_route)
             self.classifier.attach()
             self.steering = TunSteering(self.tun, self.classifier)
             self.steering.attach()
@@ -122,9 +123,22 @@ class Datapath:
 
 @pytest.fixture
 def dp(netns):
-    """Function scope; needs `netns`. The Datapath of the module docstring."""
+    """Function scope; needs `netns`. The Datapath of the module docstring,
+    its classifier reading the kernel's route (route mode)."""
     d = Datapath()
     try:
+        assert d.classifier.route_mode == "route", d.classifier.route_mode_reason
+        yield d
+    finally:
+        d.close()
+
+
+@pytest.fixture
+def dp_lookup(netns):
+    """The same, its classifier built without the route read (lookup mode)."""
+    d = Datapath(read_route=False)
+    try:
+        assert d.classifier.route_mode == "lookup"
         yield d
     finally:
         d.close()
@@ -194,7 +208,33 @@ def test_next_hop_no_peer_owns_goes_to_queue_0_and_is_counted(dp):
     assert dp.classifier.nexthop_counters()[ipaddress.ip_address("198.51.100.77")].packets >= 1
 
 
-def test_route_through_another_device_is_looked_up_again_on_ours(dp):
+def test_bound_socket_takes_the_kernels_route_on_ours(dp):
+    """A socket bound to the TUN sends where a more specific route leaves by
+    another device (a veth here). The kernel keeps to the TUN's own route,
+    and the classifier reads that route: IPv4 and IPv6 both reach the
+    gateway's peer, with no lookup."""
+    other = f"wgv{secrets.token_hex(4)}"
+    sh(f"ip link add {other} type veth peer name {other}p"
+       f" && ip link set {other} up && ip link set {other}p up"
+       f" && ip addr add 192.0.2.1/24 dev {other}"
+       f" && ip addr add 2001:db8:1::1/64 dev {other} nodad"
+       f" && ip route add 203.0.113.0/24 via 198.51.100.3 dev {dp.name}"
+       f" && ip route add 203.0.113.0/25 via 192.0.2.2 dev {other}"
+       f" && ip -6 route add 2001:db8:300::/48 via fe80::3 dev {dp.name}"
+       f" && ip -6 route add 2001:db8:300::/64 via 2001:db8:1::2 dev {other}")
+    dp.classifier.set_peer(2, ["198.51.100.3/32", "fe80::3/128"])
+    dp.classifier.set_peer(3, ["198.51.100.4/32", "2001:db8:300::/64"])
+    before, routed = dp.classifier.counters(), dp.classifier.route_counters()["dst"]
+    assert dp.route("203.0.113.9", bind_dev=dp.name) == 2
+    assert dp.route("2001:db8:300::9", bind_dev=dp.name) == 2
+    after = dp.classifier.route_counters()
+    assert after["dst"] == routed + 2
+    assert dp.classifier.counters()["fib_other_device"] == before["fib_other_device"]
+    assert set(after["fallbacks"]) == set(bpfmaps.FALLBACK_REASONS)
+
+
+def test_route_through_another_device_is_looked_up_again_on_ours(dp_lookup):
+    dp = dp_lookup
     """A socket bound to the TUN sends where a more specific route leaves by
     another device (a veth here). The kernel keeps to the TUN's own route;
     the classifier's flow-hashed lookup sees the other route first, so it
@@ -250,7 +290,13 @@ def test_slot_without_a_queue_goes_to_queue_0(dp):
     assert dp.route("198.51.100.3") == 2
 
 
-def test_forwarding_off_is_counted(dp):
+def test_forwarding_off_does_not_matter_to_the_route_read(dp):
+    sh(f"sysctl -qw net.ipv4.conf.{dp.name}.forwarding=0")
+    assert dp.route("198.51.100.2") == 1
+
+
+def test_forwarding_off_is_counted(dp_lookup):
+    dp = dp_lookup
     sh(f"sysctl -qw net.ipv4.conf.{dp.name}.forwarding=0")
     before = dp.classifier.counters()["fib_forwarding_disabled"]
     assert dp.route("198.51.100.2") == 0
@@ -270,6 +316,93 @@ def test_non_ip_and_truncated_frames(dp, protocol, head, reason):
         s.sendto(frame, (dp.name, protocol))
     assert dp.queue_of(frame) == 0
     assert dp.classifier.counters()[reason] == before + 1
+
+
+@pytest.mark.parametrize("dst, slot", [("198.51.100.3", 2), ("2001:db8:100::4", 3)])
+def test_packet_socket_injection_falls_back_to_the_lookup(dp, dst, slot):
+    """A packet sent on the device with a packet socket has no route attached:
+    the classifier looks it up instead and counts the fallback as no_dst."""
+    payload = b"wgebpf-" + secrets.token_hex(8).encode()
+    packet = _udp_packet("198.51.100.1" if slot == 2 else "2001:db8:100::1", dst, payload)
+    protocol = 0x0800 if ":" not in dst else 0x86DD
+    before = dp.classifier.route_counters()
+    with socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(protocol)) as s:
+        s.sendto(packet, (dp.name, protocol))
+    assert dp.queue_of(payload) == slot
+    after = dp.classifier.route_counters()
+    # (no check of "dst": the device's own IPv6 chatter, MLD and router
+    # solicitations, may be routed meanwhile)
+    assert after["fallbacks"]["no_dst"] == before["fallbacks"]["no_dst"] + 1
+
+
+def test_test_run_has_no_dst_and_is_looked_up(dp):
+    """BPF_PROG_TEST_RUN builds an skb without a route: counted as no_dst and
+    classified by the lookup. The run passes an Ethernet frame and the
+    program reads from its first byte as from the TUN's IP header, so the
+    IPv6 source is chosen to put 0x86dd where the frame's ethertype is
+    (bytes 12-13: the source's 5th and 6th bytes)."""
+    packet = _udp_packet("2001:db8:86dd::1", "2001:db8:100::3", b"test-run")
+    assert packet[12:14] == b"\x86\xdd"
+    before_peer = dp.classifier.counters()["peer"]
+    before = dp.classifier.route_counters()
+    before_nh = dp.classifier.nexthop_counters().get(ipaddress.ip_address("2001:db8:100::3"))
+    retval = _test_run_cls(dp.classifier.prog_fd, packet, socket.if_nametoindex(dp.name))
+    assert retval == 0                      # TC_ACT_OK
+    # The run does not hand back queue_mapping; the counters tell: a peer
+    # took it, and the lookup named the (on-link) destination as next hop.
+    nh = dp.classifier.nexthop_counters()[ipaddress.ip_address("2001:db8:100::3")]
+    assert nh.packets == (before_nh.packets if before_nh else 0) + 1
+    after = dp.classifier.route_counters()
+    # (no check of "dst": the device's own IPv6 chatter, MLD and router
+    # solicitations, may be routed meanwhile)
+    assert after["fallbacks"]["no_dst"] == before["fallbacks"]["no_dst"] + 1
+    assert dp.classifier.counters()["peer"] == before_peer + 1
+
+
+def _test_run_cls(prog_fd: int, frame: bytes, ifindex: int) -> int:
+    """The return value of one BPF_PROG_TEST_RUN of a tc program, with
+    ctx->ifindex set (the run's device, which the lookup uses)."""
+    from wgebpf.kernel.xdp_guard import _BPF_PROG_TEST_RUN, _TestRunAttr
+    buf = ctypes.create_string_buffer(bytes(frame), len(frame))
+    ctx_in = (ctypes.c_uint32 * 48)()       # struct __sk_buff, 192 bytes
+    ctx_in[10] = ifindex                    # __sk_buff.ifindex (offset 40)
+    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(frame),
+                        data_in=ctypes.addressof(buf), repeat=1,
+                        ctx_size_in=ctypes.sizeof(ctx_in), ctx_in=ctypes.addressof(ctx_in))
+    bpfmaps.bpf(_BPF_PROG_TEST_RUN, attr)
+    return attr.retval
+
+
+def _udp_packet(src: str, dst: str, payload: bytes, sport: int = 4000, dport: int = 9) -> bytes:
+    """An IPv4 or IPv6 UDP packet (checksums left 0: only the classifier reads it)."""
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    if s.version == 4:
+        head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                           s.packed, d.packed)
+    else:
+        head = struct.pack("!IHBB16s16s", 6 << 28, len(udp), 17, 64, s.packed, d.packed)
+    return head + udp
+
+
+def test_without_btf_offsets_the_classifier_looks_up(netns, monkeypatch, caplog):
+    """No usable BTF: built without the route read, says why, still works."""
+    from wgebpf.kernel import btf
+
+    def missing(*_a, **_k):
+        raise btf.BtfError("struct sk_buff has no member '_skb_refdst'")
+    monkeypatch.setattr(btf, "route_cflags", missing)
+    d = Datapath()
+    try:
+        assert d.classifier.route_mode == "lookup"
+        assert "_skb_refdst" in d.classifier.route_mode_reason
+        assert "looks up every packet" in caplog.text
+        assert d.route("198.51.100.3") == 2
+        route = d.classifier.route_counters()
+        assert route["mode"] == "lookup" and route["dst"] == 0
+        assert not any(route["fallbacks"].values())
+    finally:
+        d.close()
 
 
 def test_detach_removes_the_filter(dp):
@@ -300,10 +433,20 @@ def test_beside_a_clsact_it_did_not_add(netns):
 # -- cost -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["nexthop", "allowedips"])
-def test_cost_per_packet(dp, mode):
+@pytest.mark.parametrize("mode, read_route", [("nexthop", True), ("nexthop", False),
+                                              ("allowedips", True)])
+def test_cost_per_packet(netns, mode, read_route):
     """run_time_ns / run_cnt of both programs over some thousands of packets
-    (pytest -s shows the figures)."""
+    (pytest -s shows the figures): nexthop mode reading the route, nexthop
+    mode looking it up, allowedips."""
+    dp = Datapath(read_route=read_route)
+    try:
+        _cost(dp, mode)
+    finally:
+        dp.close()
+
+
+def _cost(dp, mode):
     sh(f"ip route add 203.0.113.0/24 via 198.51.100.3 dev {dp.name}")
     dp.classifier.set_peer(2, ["198.51.100.3/32", "203.0.113.0/24"])
     dp.classifier.set_mode(mode)
@@ -320,7 +463,7 @@ def test_cost_per_packet(dp, mode):
     for name, a, b in (("classifier", c0, c1), ("steering", s0, s1)):
         runs = b.run_cnt - a.run_cnt
         assert runs >= n
-        print(f"{mode} {name}: {runs} runs, {(b.run_time_ns - a.run_time_ns) / runs:.0f} ns per packet")
+        print(f"{mode} ({dp.classifier.route_mode}) {name}: {runs} runs, {(b.run_time_ns - a.run_time_ns) / runs:.0f} ns per packet")
 
 
 # -- header agreement -------------------------------------------------------

@@ -55,6 +55,8 @@ SNAPSHOT = {
          "queue_depth": 0, "alive": False, "packets_by_slot": {}},   # never reported traffic
     ],
     "classifier": {"peer": 30, "no_peer": 5, "fib_unreachable": 1},
+    "classifier_route": {"mode": "route", "mode_reason": None, "dst": 28,
+                         "fallbacks": {"no_dst": 2}},
     "nexthops": {"198.51.100.2": {"packets": 30, "bytes": 3000, "public_key": KEY_B},
                  "2001:db8:100::9": {"packets": 1, "bytes": 80, "public_key": None}},
     "policy": {"1": {"accept": 10, "drop": 2}, 2: {"accept": 1}, "9": {"drop": 4}},
@@ -131,6 +133,10 @@ EXPECTED = [
     ("wgebpf_worker_peers", L(**W2), 1),
     ("wgebpf_classifier_packets_total", L(interface="wg0", reason="peer"), 30),
     ("wgebpf_classifier_packets_total", L(interface="wg0", reason="fib_unreachable"), 1),
+    ("wgebpf_classifier_info", L(interface="wg0", mode="route"), 1),
+    ("wgebpf_nexthop_route_reads_total", L(interface="wg0"), 28),
+    ("wgebpf_nexthop_fallbacks_total", L(interface="wg0", reason="no_dst"), 2),
+    ("wgebpf_nexthop_fallbacks_total", L(interface="wg0", reason="other_device"), 0),
     ("wgebpf_nexthop_packets_total", L(interface="wg0", nexthop="198.51.100.2",
                                        public_key=KEY_B), 30),
     ("wgebpf_nexthop_bytes_total", L(interface="wg0", nexthop="198.51.100.2",
@@ -191,9 +197,29 @@ def test_every_known_drop_reason_is_exported_from_the_start():
     assert reasons == set(DROP_REASONS)
 
 
+def test_every_fallback_reason_is_exported_from_the_start():
+    text = scrape({"interface": "wg0", "peers": {}, "drops": {},
+                   "classifier_route": {"mode": "lookup", "dst": 0, "fallbacks": {}}})
+    reasons = {dict(labels)["reason"]: value for (name, labels), value in
+               samples(text).items() if name == "wgebpf_nexthop_fallbacks_total"}
+    assert reasons == {"no_dst": 0, "foreign_dst": 0, "other_device": 0, "read_failed": 0}
+
+
+def test_show_says_the_classifier_mode_and_its_fallbacks():
+    from wgebpf.control.show import render
+    extra = dict(SNAPSHOT, peers={})
+    text = render("wg0", {"peers": []}, now=0, extra=extra)
+    assert ("  classifier: route (next hop read from the kernel's route); "
+            "fallbacks: 2 no_dst\n") in text
+    extra["classifier_route"] = {"mode": "lookup", "mode_reason": "no BTF", "fallbacks": {}}
+    assert "  classifier: lookup (FIB lookup per packet): no BTF\n" in \
+        render("wg0", {"peers": []}, now=0, extra=extra)
+
+
 def test_optional_sections_are_absent_when_the_snapshot_lacks_them():
     kinds = types(scrape({"interface": "wg0", "peers": {}, "drops": {}}))
     for family in ("wgebpf_classifier_packets", "wgebpf_nexthop_packets",
+                   "wgebpf_nexthop_fallbacks", "wgebpf_classifier",
                    "wgebpf_source_policy_packets", "wgebpf_xdp_packets",
                    "wireguard_sent_bytes"):
         assert family not in kinds

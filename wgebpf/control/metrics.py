@@ -26,6 +26,11 @@ The families, by snapshot key:
   workers      wgebpf_worker_{packets,bytes}_total{direction}, ..._busy_seconds_total,
                ..._queue_depth, ..._restarts_total, ..._up, ..._peers
   classifier   wgebpf_classifier_packets_total{reason}
+  classifier_route
+               wgebpf_classifier_info{mode} (route or lookup),
+               wgebpf_nexthop_route_reads_total (next hop read from the route),
+               wgebpf_nexthop_fallbacks_total{reason} (looked up instead;
+               every reason of FALLBACK_REASONS from the start)
   nexthops     wgebpf_nexthop_{packets,bytes}_total{nexthop, public_key}
   policy       wgebpf_source_policy_packets_total{public_key, verdict}
   xdp          wgebpf_xdp_packets_total{reason}
@@ -57,6 +62,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from .. import __version__
+from ..kernel.bpfmaps import FALLBACK_REASONS
 
 log = logging.getLogger("wgebpf")
 
@@ -224,6 +230,8 @@ def ebpf_families(interface: str, status: dict, slots: dict[str, str]) -> Iterat
         for reason, count in sorted(status["classifier"].items()):
             family.add_metric([interface, reason], _number(count))
         yield family
+    if "classifier_route" in status:
+        yield from route_families(interface, status["classifier_route"])
     if "nexthops" in status:
         labels = ["interface", "nexthop", "public_key"]
         packets = _counter("wgebpf_nexthop_packets_total",
@@ -269,6 +277,30 @@ def histogram_family(interface: str, snapshot: dict) -> Metric:
         buckets.append(("+Inf", float(snapshot.get("count", 0))))
     family.add_metric([interface], buckets, float(snapshot.get("sum", 0.0)))
     return family
+
+
+def route_families(interface: str, route: dict) -> Iterator[Metric]:
+    """Where the classifier's next hops came from (status "classifier_route")."""
+    info = InfoMetricFamily("wgebpf_classifier",
+                            "How the classifier finds a packet's next hop: `route` reads the "
+                            "route the kernel attached to the packet, `lookup` asks the FIB.",
+                            labels=["interface", "mode"])
+    info.add_metric([interface, _text(route.get("mode"))], {})
+    reads = _counter("wgebpf_nexthop_route_reads_total",
+                     "Packets whose next hop was read from the route the kernel attached.",
+                     ["interface"])
+    reads.add_metric([interface], _number(route.get("dst")))
+    fallbacks = _counter("wgebpf_nexthop_fallbacks_total",
+                         "Packets whose route could not be read, so the FIB was asked "
+                         "instead, by reason: no_dst (none attached: AF_PACKET, tc redirect), "
+                         "foreign_dst (not a route of the packet's family), other_device "
+                         "(the route's device is not ours), read_failed.",
+                         ["interface", "reason"])
+    counts = {reason: 0 for reason in FALLBACK_REASONS}
+    counts.update(route.get("fallbacks") or {})
+    for reason, count in sorted(counts.items()):
+        fallbacks.add_metric([interface, reason], _number(count))
+    yield from (info, reads, fallbacks)
 
 
 def info_family(status: dict) -> Metric:

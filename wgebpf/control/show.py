@@ -115,6 +115,7 @@ def render(name: str, device: dict, now: float | None = None, extra: dict | None
         out.append(f"  peer selection: {extra.get('peer_selection')}")
         out.append(f"  source policy: {extra.get('source_policy')}")
         out.append(f"  xdp guard: {extra.get('xdp_mode', 'off')}")
+        out += _classifier_line(extra.get("classifier_route"))
         out += _drops_line(extra.get("drops", {}))
     peers = sorted(device["peers"], key=lambda p: -int(p.get("last_handshake_time_sec", 0)))
     for peer in peers:
@@ -139,6 +140,21 @@ def render(name: str, device: dict, now: float | None = None, extra: dict | None
             out.append(f"  source policy: {mine.get('source_policy')}")
             out += _drops_line(mine.get("drops", {}))
     return "\n".join(out) + "\n"
+
+
+def _classifier_line(route: dict | None) -> list[str]:
+    """How the classifier finds next hops, and its fallbacks to the lookup."""
+    if not route:
+        return []
+    what = {"route": "route (next hop read from the kernel's route)",
+            "lookup": "lookup (FIB lookup per packet)"}.get(route.get("mode"), route.get("mode"))
+    line = f"  classifier: {what}"
+    if route.get("mode_reason"):
+        line += f": {route['mode_reason']}"
+    fallbacks = sorted((reason, n) for reason, n in (route.get("fallbacks") or {}).items() if n)
+    if fallbacks:
+        line += "; fallbacks: " + ", ".join(f"{n} {reason}" for reason, n in fallbacks)
+    return [line]
 
 
 def _drops_line(drops: dict) -> list[str]:

@@ -63,6 +63,9 @@ def collect(device, parts=None) -> dict:
         status["xdp"] = xdp.counters()
     if classifier is not None:
         status["classifier"] = classifier.counters()
+        # mode ("route": the next hop read from the packet's route; "lookup":
+        # a FIB lookup per packet), and the fallbacks to the lookup by reason
+        status["classifier_route"] = classifier.route_counters()
         status["nexthops"] = {str(ip): {"packets": p, "bytes": b,
                                         "public_key": _holder(device, ip)}
                               for ip, (p, b) in classifier.nexthop_counters().items()}

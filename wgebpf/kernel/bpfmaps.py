@@ -15,7 +15,7 @@ import os
 import platform
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 # The C sources: the repository's bpf/, which the package carries as
 # wgebpf/bpf (a link in the source tree, real files in a wheel).
@@ -87,6 +87,11 @@ CNT_NO_QUEUE = 5
 CNT_FIB_RET_BASE = 8
 CNT_FIB_OTHER_DEV = 24
 CNT_FIB_DEST_FALLBACK = 25
+CNT_ROUTE_DST = 26
+CNT_FB_NO_DST = 27
+CNT_FB_FOREIGN_DST = 28
+CNT_FB_OTHER_DEVICE = 29
+CNT_FB_READ_FAILED = 30
 CNT_MAX = 32
 
 # ---- bpf_fib_lookup flags and return codes (UAPI values) -------------------
@@ -125,6 +130,19 @@ COUNTER_NAMES: dict[int, str] = {
     CNT_FIB_RET_BASE + FIB_RET_NO_SRC_ADDR: "fib_no_source_address",
     CNT_FIB_OTHER_DEV: "fib_other_device",
     CNT_FIB_DEST_FALLBACK: "fib_destination_fallback",
+    CNT_ROUTE_DST: "route_dst",
+    CNT_FB_NO_DST: "fallback_no_dst",
+    CNT_FB_FOREIGN_DST: "fallback_foreign_dst",
+    CNT_FB_OTHER_DEVICE: "fallback_other_device",
+    CNT_FB_READ_FAILED: "fallback_read_failed",
+}
+# The classifier's fallbacks from the route read to the FIB lookup:
+# reason (as in metrics and status) -> counter index.
+FALLBACK_REASONS: dict[str, int] = {
+    "no_dst": CNT_FB_NO_DST,
+    "foreign_dst": CNT_FB_FOREIGN_DST,
+    "other_device": CNT_FB_OTHER_DEVICE,
+    "read_failed": CNT_FB_READ_FAILED,
 }
 VERDICT_COUNTERS = tuple(n for i, n in COUNTER_NAMES.items() if i < CNT_FIB_OTHER_DEV)
 
@@ -201,7 +219,7 @@ def _kernel_version(release: str) -> tuple[int, int]:
     return tuple(parts + [0] * (2 - len(parts)))  # type: ignore[return-value]
 
 
-def compile_programs(*files: str):
+def compile_programs(*files: str, cflags: Iterable[str] = ()):
     """One bcc BPF object from the given bpf/ files (concatenated).
 
     bcc only loads functions defined in the main translation unit, not in
@@ -212,7 +230,8 @@ def compile_programs(*files: str):
     from bcc import BPF  # imported late: only the data plane needs bcc
 
     text = "".join(_read(os.path.join(BPF_DIR, f)) for f in files)
-    return BPF(text=text.encode(), cflags=[f"-I{BPF_DIR}", "-Wno-unused-function"])
+    return BPF(text=text.encode(),
+               cflags=[f"-I{BPF_DIR}", "-Wno-unused-function", *cflags])
 
 
 def _read(path: str) -> str:

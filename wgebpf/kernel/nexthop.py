@@ -17,11 +17,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import ipaddress
+import logging
 import socket
 from typing import Iterable, NamedTuple
 
 
 from . import bpfmaps as m
+from . import btf
 from . import tc
 from .tc import TC_PARENT_EGRESS
 
@@ -37,6 +39,16 @@ PROGRAMS = ("nexthop.c", "tun_steer.c", "policy.c")
 # (prio and handle), so detach removes ours and nothing else.
 TC_PRIO = 1
 TC_HANDLE = 1
+
+log = logging.getLogger("wgebpf")
+
+# Where the classifier takes the next hop from (nexthop mode):
+#   route   the route the kernel attached to the packet (skb's dst), read at
+#           offsets from the kernel's BTF; the FIB lookup only as fallback,
+#           counted by reason (bpfmaps.FALLBACK_REASONS)
+#   lookup  a bpf_fib_lookup for every packet (built without the route read:
+#           no usable BTF, or the kernel refused the program)
+ROUTE_MODES = ("route", "lookup")
 
 
 class NexthopStats(NamedTuple):
@@ -58,14 +70,13 @@ class NextHopClassifier(m.LoadedProgram, tc.FilterOwner):
 
 
     def __init__(self, ifname_or_index: str | int, mode: str = "nexthop", *,
-                 queues: int = m.QUEUES_MAX):
+                 queues: int = m.QUEUES_MAX, read_route: bool = True):
         self.ifindex, self.ifname = _resolve(ifname_or_index)
-        self.bpf = m.compile_programs(*PROGRAMS)
         self._owned: dict[int, set[Network]] = {}   # slot -> its prefixes
         self._owner: dict[Network, int] = {}        # prefix -> slot
         self.record: dict | None = None             # tc_record() while attached
+        self.bpf, self._prog = self._load(read_route)
         try:
-            self._prog = self.bpf.load_func(b"wg_nexthop", self.bpf.SCHED_CLS)
             self._steer = self.bpf.load_func(b"wg_tun_steer", self.bpf.SOCKET_FILTER)
             self._config = m.Config(flags=0, fib_flags=m.fib_flags(), queues=queues)
             self._peers4 = self.bpf[m.MAP_PEERS4.encode()]
@@ -77,6 +88,39 @@ class NextHopClassifier(m.LoadedProgram, tc.FilterOwner):
             raise
 
     # -- programs ------------------------------------------------------------
+
+    def _load(self, read_route: bool):
+        """Compile and load, with the route read when asked and possible.
+
+        Sets route_mode ("route" or "lookup", ROUTE_MODES) and
+        route_mode_reason (why "lookup"; None in route mode). Without the
+        kernel's BTF offsets, or when the kernel refuses the program (lockdown
+        removes bpf_probe_read_kernel), the classifier is built without the
+        route read and looks up every packet, as before."""
+        self.route_mode, self.route_mode_reason = "lookup", "not asked (read_route=False)"
+        if read_route:
+            try:
+                cflags = btf.route_cflags()
+            except btf.BtfError as e:
+                self.route_mode_reason = f"no route offsets from the kernel's BTF: {e}"
+            else:
+                bpf = m.compile_programs(*PROGRAMS, cflags=cflags)
+                try:
+                    prog = bpf.load_func(b"wg_nexthop", bpf.SCHED_CLS)
+                except Exception as e:     # bcc raises a bare Exception
+                    bpf.cleanup()
+                    self.route_mode_reason = f"the kernel refused the route read: {e}"
+                else:
+                    self.route_mode, self.route_mode_reason = "route", None
+                    return bpf, prog
+            log.warning("%s: classifier looks up every packet's route: %s",
+                        self.ifname, self.route_mode_reason)
+        bpf = m.compile_programs(*PROGRAMS)
+        try:
+            return bpf, bpf.load_func(b"wg_nexthop", bpf.SCHED_CLS)
+        except BaseException:
+            bpf.cleanup()
+            raise
 
     @property
     def steering_fd(self) -> int:
@@ -169,10 +213,27 @@ class NextHopClassifier(m.LoadedProgram, tc.FilterOwner):
     # -- counters ----------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
-        """Packets per verdict reason and event (bpfmaps.COUNTER_NAMES), all CPUs summed."""
+        """Packets per verdict reason and event (bpfmaps.COUNTER_NAMES), all CPUs
+        summed; the route read's counters are in route_counters()."""
         table = self.bpf[m.MAP_COUNTERS.encode()]
         return {name: int(sum(table[ctypes.c_uint32(index)]))
-                for index, name in m.COUNTER_NAMES.items()}
+                for index, name in m.COUNTER_NAMES.items() if index < m.CNT_ROUTE_DST}
+
+    def route_counters(self) -> dict[str, object]:
+        """Where next hops came from: {"mode": route_mode, "mode_reason":
+        route_mode_reason, "dst": packets whose
+        next hop was read from their route, "fallbacks": {reason: packets
+        looked up instead}} (every reason of bpfmaps.FALLBACK_REASONS, 0 in
+        lookup mode), all CPUs summed."""
+        table = self.bpf[m.MAP_COUNTERS.encode()]
+
+        def total(index: int) -> int:
+            return int(sum(table[ctypes.c_uint32(index)]))
+        return {"mode": self.route_mode,
+                "mode_reason": self.route_mode_reason,
+                "dst": total(m.CNT_ROUTE_DST),
+                "fallbacks": {reason: total(index)
+                              for reason, index in m.FALLBACK_REASONS.items()}}
 
     def nexthop_counters(self) -> dict[ipaddress.IPv4Address | ipaddress.IPv6Address,
                                        NexthopStats]:
