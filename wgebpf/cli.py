@@ -220,10 +220,15 @@ def genpsk():
 
 
 @app.command()
-def demo():
-    """Build two namespaces (wgebpf and wireguard-go), send traffic, show both."""
+def demo(
+    classic: bool = typer.Option(False, "--classic",
+                                 help="the point-to-point demo: one wgebpf host, one "
+                                      "wireguard-go host, pings and iperf3"),
+):
+    """Show in namespaces what wgebpf adds: routes choose the peer (via, replace,
+    ECMP) and the routing table checks sources; --classic: a plain tunnel."""
     from .lab import demo as demo_module
-    raise typer.Exit(demo_module.main() or 0)
+    raise typer.Exit(demo_module.main(classic=classic) or 0)
 
 
 @app.command()

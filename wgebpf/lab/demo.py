@@ -105,7 +105,7 @@ def _demo_steps(topo: netns.TwoHosts, iperf_seconds: float) -> None:
     print(_indent(b.wg("show", b.ifname).stdout))
 
 
-def main() -> int:
+def main(classic: bool = False) -> int:
     """Entry point of `wgebpf demo`; returns the exit status."""
     if os.geteuid() != 0:
         print("wgebpf demo needs root (network namespaces): sudo wgebpf demo",
