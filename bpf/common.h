@@ -34,6 +34,7 @@
 #define WG_MAP_RXINDEX		"wg_rxindex"	/* hash __u32 receiver index -> __u32 socket position */
 #define WG_MAP_POLICIES		"wg_policies"	/* array[WG_QUEUES_MAX] slot -> __u32 WG_POLICY_* */
 #define WG_MAP_POLICY_CNT	"wg_policy_cnt"	/* percpu_array[WG_QUEUES_MAX] slot -> wg_policy_counts */
+#define WG_MAP_ROUTE_SEEN	"wg_route_seen"	/* percpu_array[1] of wg_route_seen (route read builds) */
 
 /* Sizes. The tries are not preallocated (BPF_F_NO_PREALLOC is mandatory for
  * LPM tries), so a large bound costs nothing until used: a classic config
@@ -96,6 +97,16 @@ struct wg_nexthop_key {
 struct wg_nexthop_stats {
 	__u64 packets;
 	__u64 bytes;		/* skb->len: the IP packet, no outer headers */
+};
+
+/* ---- Route read (nexthop.c built with WG_ROUTE_DST) -------------------------
+ * The dst_ops and device pointers the classifier last verified on this CPU
+ * (dst_ops.family matched the packet; the device's ifindex is ours): a route
+ * with the same two pointers needs neither check again. Only the program
+ * uses it. */
+struct wg_route_seen {
+	__u64 ops[2];		/* [0] IPv4, [1] IPv6 */
+	__u64 dev;
 };
 
 /* ---- Counters: wg_counters[index], one per-CPU __u64 each ----------------

@@ -274,18 +274,73 @@ static __always_inline int fib_nexthop(struct __sk_buff *skb, struct wg_fib_look
 #define WG_SKB_DST_NOREF	1UL
 #define WG_RTF_GATEWAY		0x2	/* include/uapi/linux/ipv6_route.h */
 
+/* Each bpf_probe_read_kernel costs tens of ns, so members that lie close
+ * together are read in one go: a span from the lower offset to the end of
+ * the higher member. btf.py only accepts layouts where every span fits
+ * WG_SPAN_MAX bytes. */
+#define WG_MIN(a, b)		((a) < (b) ? (a) : (b))
+#define WG_MAX(a, b)		((a) > (b) ? (a) : (b))
+#define WG_SPAN_MAX		64
+/* dst_entry: dev and ops, 8 bytes each */
+#define WG_DST_SPAN_START	WG_MIN(WG_OFF_DST_DEV, WG_OFF_DST_OPS)
+#define WG_DST_SPAN_LEN		(WG_MAX(WG_OFF_DST_DEV, WG_OFF_DST_OPS) + 8 - WG_DST_SPAN_START)
+/* rtable: rt_gw_family (1 byte) and the rt_gw4/rt_gw6 union (16 bytes) */
+#define WG_RT_SPAN_START	WG_MIN(WG_OFF_RT_GW_FAMILY, WG_OFF_RT_GW6)
+#define WG_RT_SPAN_LEN		(WG_MAX(WG_OFF_RT_GW_FAMILY + 1, WG_OFF_RT_GW6 + 16) - WG_RT_SPAN_START)
+/* rt6_info: rt6i_gateway (16 bytes) and rt6i_flags (4 bytes) */
+#define WG_RT6_SPAN_START	WG_MIN(WG_OFF_RT6_GATEWAY, WG_OFF_RT6_FLAGS)
+#define WG_RT6_SPAN_LEN		(WG_MAX(WG_OFF_RT6_GATEWAY + 16, WG_OFF_RT6_FLAGS + 4) - WG_RT6_SPAN_START)
+_Static_assert(WG_DST_SPAN_LEN <= WG_SPAN_MAX && WG_RT_SPAN_LEN <= WG_SPAN_MAX &&
+	       WG_RT6_SPAN_LEN <= WG_SPAN_MAX, "route members too far apart (btf.py checks)");
+
+BPF_TABLE("percpu_array", u32, struct wg_route_seen, wg_route_seen, 1);
+
 static __always_inline int kread(void *dst, u32 size, unsigned long addr)
 {
 	return bpf_probe_read_kernel(dst, size, (void *)addr);
+}
+
+/* Whether the route's dst_ops are of the packet's family and its device is
+ * this one: read and compared, or, for the pointers last verified on this
+ * CPU (wg_route_seen), known. Returns 0 or a WG_CNT_FB_* reason. */
+static __always_inline int check_dst(struct __sk_buff *skb, u8 family,
+				     unsigned long ops, unsigned long dev)
+{
+	u32 zero = 0, index = family == WG_AF_INET6;
+	struct wg_route_seen *seen = wg_route_seen.lookup(&zero);
+	u16 dst_family = 0;
+	int ifindex = 0;
+
+	/* Both are long-lived kernel objects: the dst_ops of a family (one per
+	 * network namespace at most) and the device this program is attached
+	 * to, which cannot go away while it runs on it. */
+	if (seen && seen->ops[index] == ops && seen->dev == dev)
+		return 0;
+	if (kread(&dst_family, sizeof(dst_family), ops + WG_OFF_DST_OPS_FAMILY))
+		return WG_CNT_FB_READ_FAILED;
+	/* Not an rtable/rt6_info of this packet's family (e.g. a metadata dst,
+	 * or IPv4 in IPv6): its layout is not the one we read. */
+	if (dst_family != family)
+		return WG_CNT_FB_FOREIGN_DST;
+	if (kread(&ifindex, sizeof(ifindex), dev + WG_OFF_DEV_IFINDEX))
+		return WG_CNT_FB_READ_FAILED;
+	/* A route through another device: its gateway is not a next hop
+	 * behind this one. */
+	if (ifindex != skb->ifindex)
+		return WG_CNT_FB_OTHER_DEVICE;
+	if (seen) {
+		seen->ops[index] = ops;
+		seen->dev = dev;
+	}
+	return 0;
 }
 
 /* The packet's dst entry, checked to be a route of the packet's family on
  * this device. Returns 0 and sets *dst, or a WG_CNT_FB_* reason. */
 static __always_inline int packet_dst(struct __sk_buff *skb, u8 family, unsigned long *dst)
 {
-	unsigned long refdst = 0, ops = 0, dev = 0;
-	u16 dst_family = 0;
-	int ifindex = 0;
+	u8 head[WG_DST_SPAN_LEN];
+	unsigned long refdst = 0, ops, dev;
 
 	if (kread(&refdst, sizeof(refdst), (unsigned long)skb + WG_OFF_SKB_REFDST))
 		return WG_CNT_FB_READ_FAILED;
@@ -294,38 +349,30 @@ static __always_inline int packet_dst(struct __sk_buff *skb, u8 family, unsigned
 	 * BPF_PROG_TEST_RUN packet. */
 	if (!*dst)
 		return WG_CNT_FB_NO_DST;
-	if (kread(&ops, sizeof(ops), *dst + WG_OFF_DST_OPS) ||
-	    !ops || kread(&dst_family, sizeof(dst_family), ops + WG_OFF_DST_OPS_FAMILY))
+	if (kread(head, sizeof(head), *dst + WG_DST_SPAN_START))
 		return WG_CNT_FB_READ_FAILED;
-	/* Not an rtable/rt6_info of this packet's family (e.g. a metadata or
-	 * xfrm dst, or IPv4 in IPv6): its layout is not the one we read. */
-	if (dst_family != family)
-		return WG_CNT_FB_FOREIGN_DST;
-	if (kread(&dev, sizeof(dev), *dst + WG_OFF_DST_DEV) ||
-	    !dev || kread(&ifindex, sizeof(ifindex), dev + WG_OFF_DEV_IFINDEX))
+	__builtin_memcpy(&ops, head + WG_OFF_DST_OPS - WG_DST_SPAN_START, sizeof(ops));
+	__builtin_memcpy(&dev, head + WG_OFF_DST_DEV - WG_DST_SPAN_START, sizeof(dev));
+	if (!ops || !dev)
 		return WG_CNT_FB_READ_FAILED;
-	/* A route through another device (tc redirect into ours): its gateway
-	 * is not a next hop behind this device. */
-	if (ifindex != skb->ifindex)
-		return WG_CNT_FB_OTHER_DEVICE;
-	return 0;
+	return check_dst(skb, family, ops, dev);
 }
 
 /* IPv4: the rtable's gateway, by its family (RFC 5549 routes carry an IPv6
  * gateway); none means on-link and `key` keeps the destination. */
 static __always_inline int route_gateway4(unsigned long rt, struct wg_nexthop_key *key)
 {
-	u8 gw_family = 0;
+	u8 span[WG_RT_SPAN_LEN];
+	u8 gw_family;
 
-	if (kread(&gw_family, sizeof(gw_family), rt + WG_OFF_RT_GW_FAMILY))
+	if (kread(span, sizeof(span), rt + WG_RT_SPAN_START))
 		return WG_CNT_FB_READ_FAILED;
+	gw_family = span[WG_OFF_RT_GW_FAMILY - WG_RT_SPAN_START];
 	if (gw_family == WG_AF_INET) {
 		__builtin_memset(key->addr, 0, sizeof(key->addr));
-		if (kread(key->addr, 4, rt + WG_OFF_RT_GW4))
-			return WG_CNT_FB_READ_FAILED;
+		__builtin_memcpy(key->addr, span + WG_OFF_RT_GW4 - WG_RT_SPAN_START, 4);
 	} else if (gw_family == WG_AF_INET6) {
-		if (kread(key->addr, 16, rt + WG_OFF_RT_GW6))
-			return WG_CNT_FB_READ_FAILED;
+		__builtin_memcpy(key->addr, span + WG_OFF_RT_GW6 - WG_RT_SPAN_START, 16);
 	} else if (gw_family != 0) {
 		return WG_CNT_FB_FOREIGN_DST;
 	}
@@ -338,12 +385,14 @@ static __always_inline int route_gateway4(unsigned long rt, struct wg_nexthop_ke
  * on-link and `key` keeps the destination. */
 static __always_inline int route_gateway6(unsigned long rt, struct wg_nexthop_key *key)
 {
-	u32 flags = 0;
+	u8 span[WG_RT6_SPAN_LEN];
+	u32 flags;
 
-	if (kread(&flags, sizeof(flags), rt + WG_OFF_RT6_FLAGS))
+	if (kread(span, sizeof(span), rt + WG_RT6_SPAN_START))
 		return WG_CNT_FB_READ_FAILED;
+	__builtin_memcpy(&flags, span + WG_OFF_RT6_FLAGS - WG_RT6_SPAN_START, sizeof(flags));
 	if (flags & WG_RTF_GATEWAY)
-		return kread(key->addr, 16, rt + WG_OFF_RT6_GATEWAY) ? WG_CNT_FB_READ_FAILED : 0;
+		__builtin_memcpy(key->addr, span + WG_OFF_RT6_GATEWAY - WG_RT6_SPAN_START, 16);
 	return 0;
 }
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import json
 import secrets
 import select
 import socket
@@ -173,6 +174,24 @@ def test_ecmp_spreads_flows_over_both_peers(dp):
     # The same flow keeps its peer.
     again = {p: dp.route("203.0.113.9", sport=p) for p in list(ports)[:16]}
     assert again == {p: first[p] for p in again}
+
+
+def test_nexthop_object_group_follows_the_kernels_member(dp):
+    """A route via a nexthop-object group: each flow reaches the member
+    `ip route get` names for it (unconnected sockets: the kernel hashes a
+    source of 0.0.0.0)."""
+    sh("sysctl -qw net.ipv4.fib_multipath_hash_policy=1"
+       f" && ip nexthop add id 1 via 198.51.100.3 dev {dp.name}"
+       f" && ip nexthop add id 2 via 198.51.100.4 dev {dp.name}"
+       f" && ip nexthop add id 10 group 1/2"
+       f" && ip route add 203.0.113.0/24 nhid 10")
+    got = {}
+    for port in range(40000, 40032):
+        kernel = json.loads(sh(f"ip -j route get 203.0.113.9 ipproto udp sport {port}"
+                               f" dport 9"))[0]["gateway"]
+        got[port] = (SLOT_OF[kernel], dp.route("203.0.113.9", sport=port))
+    assert all(k == w for k, w in got.values()), got
+    assert {k for k, _ in got.values()} == {2, 3}
 
 
 def test_fwmark_rule_picks_another_peer(dp):

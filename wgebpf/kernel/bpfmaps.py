@@ -37,6 +37,7 @@ MAP_NEXTHOPS = "wg_nexthops"
 MAP_RXINDEX = "wg_rxindex"
 MAP_POLICIES = "wg_policies"
 MAP_POLICY_CNT = "wg_policy_cnt"
+MAP_ROUTE_SEEN = "wg_route_seen"
 
 PEERS4_MAX = 1048576
 PEERS6_MAX = 262144
@@ -70,6 +71,10 @@ class NexthopKey(ctypes.Structure):
     _fields_ = [("family", ctypes.c_uint8),         # socket.AF_INET / AF_INET6
                 ("pad", ctypes.c_uint8 * 3),
                 ("addr", ctypes.c_uint8 * 16)]      # IPv4: first 4 bytes
+
+
+class RouteSeen(ctypes.Structure):
+    _fields_ = [("ops", ctypes.c_uint64 * 2), ("dev", ctypes.c_uint64)]
 
 
 class NexthopStats(ctypes.Structure):
@@ -189,6 +194,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "wg_lpm_key6": LpmKey6,
     "wg_nexthop_key": NexthopKey,
     "wg_nexthop_stats": NexthopStats,
+    "wg_route_seen": RouteSeen,
     "wg_policy_counts": PolicyCounts,
 }
 

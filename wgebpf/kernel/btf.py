@@ -34,6 +34,7 @@ _PER_MEMBER = {STRUCT: 12, UNION: 12, ENUM: 8, FUNC_PROTO: 8, DATASEC: 12, ENUM6
 _MODIFIERS = {TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG}
 _SIZED = {INT, STRUCT, UNION, ENUM, ENUM64, FLOAT}
 POINTER_SIZE = 8
+SPAN_MAX = 64       # nexthop.c's WG_SPAN_MAX: members it reads in one go
 
 
 class BtfError(Exception):
@@ -208,6 +209,17 @@ def route_offsets(btf: Btf) -> dict[str, int]:
     for macro in ("WG_OFF_RT_DST", "WG_OFF_RT6_DST"):
         if out.pop(macro) != 0:
             raise BtfError(f"{macro[7:].lower()}: the dst_entry is not at offset 0")
+    if out["WG_OFF_RT_GW4"] != out["WG_OFF_RT_GW6"]:
+        raise BtfError("rtable.rt_gw4 and rt_gw6 are not one union")
+    # nexthop.c reads neighbouring members in one go (WG_SPAN_MAX there)
+    for name, members in (("dst_entry dev/ops", (("WG_OFF_DST_DEV", 8), ("WG_OFF_DST_OPS", 8))),
+                          ("rtable gateway", (("WG_OFF_RT_GW_FAMILY", 1), ("WG_OFF_RT_GW6", 16))),
+                          ("rt6_info gateway/flags", (("WG_OFF_RT6_GATEWAY", 16),
+                                                      ("WG_OFF_RT6_FLAGS", 4)))):
+        start = min(out[m] for m, _ in members)
+        end = max(out[m] + size for m, size in members)
+        if end - start > SPAN_MAX:
+            raise BtfError(f"{name}: {end - start} bytes apart, more than {SPAN_MAX}")
     return out
 
 
