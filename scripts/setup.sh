@@ -10,7 +10,7 @@
 #      --system-site-packages, so it sees Debian's bcc; wgebpf installed
 #      into it in editable mode with its extras: test, and bench (matplotlib,
 #      which only `wgebpf bench` needs)
-#   4. /usr/local/bin/wgebpf -> REPO/.venv/bin/wgebpf
+#   4. /usr/local/bin/wgebpf and wgebpf-go -> REPO/.venv/bin/
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -147,11 +147,15 @@ BPF(text="int probe(void *ctx) { return 0; }")
 
 # -- 4. wgebpf on PATH ---------------------------------------------------------
 
+# wgebpf-go: wg-quick's userspace implementation (WG_QUICK_USERSPACE_IMPLEMENTATION=wgebpf-go)
+for cmd in wgebpf wgebpf-go; do
+    bin=/usr/local/bin/$cmd
+    if [[ "$(readlink "$bin" 2>/dev/null || true)" != "$VENV/bin/$cmd" ]]; then
+        [[ ! -e "$bin" || -L "$bin" ]] || die "$bin exists and is not a symlink; remove it and re-run"
+        ln -sfn "$VENV/bin/$cmd" "$bin"
+        say "linked $bin -> $VENV/bin/$cmd"
+    fi
+done
 bin=/usr/local/bin/wgebpf
-if [[ "$(readlink "$bin" 2>/dev/null || true)" != "$VENV/bin/wgebpf" ]]; then
-    [[ ! -e "$bin" || -L "$bin" ]] || die "$bin exists and is not a symlink; remove it and re-run"
-    ln -sfn "$VENV/bin/wgebpf" "$bin"
-    say "linked $bin -> $VENV/bin/wgebpf"
-fi
 
 say "ready: $(command -v wgebpf || echo "$bin") (venv $VENV, kernel headers $hver)"

@@ -104,7 +104,8 @@ class Attachment:
 
     def up(self) -> None:
         iface = self.config.interface
-        check_underlay(self.underlay)
+        if self.underlay is not None:       # None: every address (wgebpf-go, control/quick.py)
+            check_underlay(self.underlay)
         if link.link_exists(self.name):
             raise AttachError(f"interface {self.name} already exists "
                               f"(a running instance? try `wgebpf detach {self.name}`)")
@@ -280,7 +281,7 @@ class Attachment:
         device = self.device
         scheduler = device.scheduler
         log.info("%s: up, listening on UDP port %d on %s", self.name, self.conn.listen_port,
-                 self.underlay)
+                 self.underlay or "every address")
         while not self._stop:
             with device.lock:
                 timeout = scheduler.next_deadline()

@@ -60,6 +60,7 @@ class RuntimeState:
     tc_filters: list[dict] = field(default_factory=list)
     nft_tables: list[str] = field(default_factory=list)
     xdp: dict | None = None
+    xdp_more: list[dict] = field(default_factory=list)   # the same guard on more devices (wgebpf-go)
     extra: dict = field(default_factory=dict)
     # Filled in by save() when unset. The start time (clock ticks since boot,
     # /proc/PID/stat field 22) tells a reused pid from ours; the netns inode
@@ -165,7 +166,7 @@ def _cmdline(pid: int) -> list[str]:
 
 
 def is_attach_cmdline(argv: list[str], name: str) -> bool:
-    """Does `argv` run `wgebpf ... attach ...` for interface `name`?
+    """Does `argv` run `wgebpf ... attach ...` (or `wgebpf-go NAME`) for interface `name`?
 
     The program is a word named wgebpf (the console script, or `-m wgebpf`);
     after `attach`, the name must appear as a word, as --name/--interface
@@ -174,6 +175,8 @@ def is_attach_cmdline(argv: list[str], name: str) -> bool:
     start = None
     for i, arg in enumerate(argv):
         base = os.path.basename(arg)
+        if base == "wgebpf-go":         # wg-quick's userspace implementation: wgebpf-go [-f] NAME
+            return name in argv[i + 1:]
         if base == "wgebpf" or (i > 0 and argv[i - 1] == "-m" and arg.split(".")[0] == "wgebpf"):
             start = i + 1
             break
@@ -312,6 +315,8 @@ def detach(name: str, timeout: float = 10.0) -> list[str]:
             step(f"removing nftables table {table}", nftables.remove_table, table)
         if st.xdp:
             step("removing XDP program", xdp_guard.remove_xdp, st.xdp)
+        for rec in st.xdp_more:
+            step(f"removing XDP program from {rec.get('ifname')}", xdp_guard.remove_xdp, rec)
 
     if st is not None:
         if failures:

@@ -263,7 +263,10 @@ class _SetOperation:
             if own is not None and own in device.peers:
                 device.remove_peer(own)
         elif key == "listen_port":
-            _call_socket_op(device.set_listen_port, value, key)
+            # The port in use already: nothing to do, as in the kernel's
+            # set_port(); `wg syncconf` and `wg setconf` send it every time.
+            if value == 0 or value != device.listen_port:
+                _call_socket_op(device.set_listen_port, value, key)
         elif key == "fwmark":
             _call_socket_op(device.set_fwmark, value, key)
         elif key == "replace_peers":
