@@ -226,7 +226,7 @@ def test_wg_quick_up_traffic_down(topo, quick_pair):
     assert status["peer_selection"] == "allowedips" and len(status["workers"]) == 1
     # The guard sits on the interface that carries the port, and the log says so.
     assert "xdp" in a.ns.ip("link", "show", "dev", topo.underlay_a).stdout
-    assert f"XDP guard for UDP port {netns.A_PORT} on {topo.underlay_a}" in a.log()
+    assert f"XDP guard for UDP port {netns.A_PORT} on {topo.underlay_a} (native)" in a.log()
     assert netns.ping(topo.a, B_TUNNEL4, count=3, timeout=10)
     assert netns.ping(topo.b, A_TUNNEL4, count=3, timeout=10)
     assert netns.ping(topo.a, B_TUNNEL6, count=3, timeout=10)
@@ -303,3 +303,39 @@ def test_foreground_and_sigterm(topo, quick_pair):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0, a.log()
     assert_nothing_left(a)
+
+
+@netns_test
+def test_guard_on_every_carrier_and_detach_after_a_crash(topo, quick_pair):
+    # A second interface that can carry the port gets the same guard; after
+    # kill -9 (this test's own daemon, by pid) `wgebpf detach` removes the
+    # link, the socket and the guard from both.
+    a, b = quick_pair()
+    other = netns.Namespace("q")
+    topo.extra.append(other)            # closed with the topology
+    dummy, _ = netns.veth(topo.a, other, ["203.0.113.1/24"], ["203.0.113.3/24"],
+                          prefix_a="vq", prefix_b="vr")
+    a.up()
+    for ifname in (topo.underlay_a, dummy):
+        assert "prog/xdp" in topo.a.ip("link", "show", "dev", ifname).stdout, ifname
+    assert f"{topo.underlay_a} (native), {dummy} (native)" in a.log(), a.log()
+    assert netns.ping(topo.a, B_TUNNEL4, count=2, timeout=10)
+    os.kill(a.pid, signal.SIGKILL)
+    assert netns.wait_until(lambda: not _alive(a.pid), 10)
+    out = topo.a.run(netns.wgebpf_argv() + ["detach", a.ifname]).stdout
+    # The TUN went with the process; the socket and the guards stayed.
+    assert "removed stale UAPI socket" in out, out
+    assert out.count("removed XDP program") == 2, out
+    assert_nothing_left(a)
+
+
+@netns_test
+def test_a_failed_start_says_why(topo, quick_pair):
+    # The name is taken (by the veth): wgebpf-go exits 1 with the reason,
+    # wg-quick fails, and nothing is left.
+    a, b = quick_pair()
+    result = topo.a.run([str(WGEBPF_GO), topo.underlay_a], check=False, env=a.env)
+    assert result.returncode == 1, result
+    assert "already exists" in result.stderr, result.stderr
+    assert not (netns.UAPI_DIR / f"{topo.underlay_a}.sock").exists()
+    assert not os.path.exists(os.path.join(RUN_DIR, f"{topo.underlay_a}.json"))

@@ -216,21 +216,20 @@ class QuickAttachment(Attachment):
         self._guard_carriers()
 
     def _guard_carriers(self) -> None:
+        """One guard program, attached to every carrier it is not on yet.
+        A carrier that refuses it (another program's XDP there) is skipped
+        with a warning: wgebpf-go picked it, the user did not."""
         if self.xdp_mode == "off":
             return
         carriers = carrier_interfaces(self.name)
         port = self.conn.listen_port
-        if not carriers:
+        if not carriers and not self.more_xdp:
             log.info("%s: no interface carries UDP port %d yet: XDP guard not attached",
                      self.name, port)
             return
         if self.xdp is None:
-            self.underlay, first = carriers[0], carriers[0]
-            try:
-                super()._guard_underlay()
-            finally:
-                self.underlay = None
-        on = {self.xdp.ifname} | {x.ifname for x in self.more_xdp}
+            self._load_guard(carriers[0])
+        on = {x.ifname for x in self.more_xdp}
         for ifname in carriers:
             if ifname in on:
                 continue
@@ -243,8 +242,23 @@ class QuickAttachment(Attachment):
             self.more_xdp.append(extra)
             self.state.xdp_more.append(record)
             self.state.save()
-        guarded = sorted([self.xdp.ifname] + [x.ifname for x in self.more_xdp])
-        log.info("%s: XDP guard for UDP port %d on %s", self.name, port, ", ".join(guarded))
+            self.xdp.mode = self.xdp.mode or extra.mode      # what status shows
+        guarded = ", ".join(f"{x.ifname} ({x.mode})" for x in self.more_xdp) or "none"
+        log.info("%s: XDP guard for UDP port %d on %s", self.name, port, guarded)
+
+    def _load_guard(self, ifname: str) -> None:
+        """Load the guard (attached by _SharedAttach) and wire it to the
+        device as Attachment._guard_underlay does."""
+        from ..kernel.xdp_guard import XdpGuard
+        device = self.device
+        self.xdp = xdp = XdpGuard(ifname, self.conn.listen_port, mode=self.xdp_mode,
+                                  public_key=device.public_key)
+        for index in list(device.indices):     # sessions made before the guard was
+            xdp.add_index(index)
+        device.add_index_watcher(xdp)
+        device.watch_external_load(xdp.under_load)
+        device.cookie_checker.on_new_secret = xdp.set_cookie_secret
+        device.watch_identity(lambda: xdp.set_public_key(device.public_key))
 
     def _sockets_changed(self) -> None:
         super()._sockets_changed()
