@@ -93,6 +93,14 @@ def test_bad_use_exits_2_before_anything():
     assert result.returncode == 2 and "WGEBPF_XDP" in result.stderr
 
 
+def test_wgebpf_ifname_points_to_wgebpf_go():
+    # What WG_QUICK_USERSPACE_IMPLEMENTATION=wgebpf makes wg-quick run.
+    wgebpf = netns.wgebpf_argv()
+    result = subprocess.run(wgebpf + ["wg0"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "WG_QUICK_USERSPACE_IMPLEMENTATION=wgebpf-go" in result.stderr, result.stderr
+
+
 def test_detach_recognises_the_daemon():
     argv = ["/venv/bin/python", "/venv/bin/wgebpf-go", "wg0"]
     assert is_attach_cmdline(argv, "wg0")

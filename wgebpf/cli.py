@@ -291,7 +291,10 @@ def main() -> None:
         where = context.command_path if context is not None else "wgebpf"
         # Click quotes the arguments it refuses: `wgebpf pubkey KEY` is an easy mistake.
         message = redact_keys(one_line(exc.format_message()))
-        typer.echo(f"{where}: {message[:300]} (see {where} --help)", err=True)
+        # `wgebpf wg0`: what wg-quick runs when told WG_QUICK_USERSPACE_IMPLEMENTATION=wgebpf.
+        hint = ("; for wg-quick: WG_QUICK_USERSPACE_IMPLEMENTATION=wgebpf-go"
+                if message.startswith("No such command") and len(sys.argv) == 2 else "")
+        typer.echo(f"{where}: {message[:300]} (see {where} --help{hint})", err=True)
         code = getattr(exc, "exit_code", 2)
     sys.exit(code or 0)
 

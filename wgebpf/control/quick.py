@@ -463,7 +463,8 @@ def main(argv: list[str] | None = None) -> None:
     if pid == 0:                                     # the daemon
         os.close(read_end)
         os.setsid()
-        _redirect_stdio(environ)
+        _redirect_stdio(environ)                     # a relative WGEBPF_LOG_FILE still works
+        os.chdir("/")                                # pins no mount
         _setup_logging(False, environ)
         code = 1
         try:
