@@ -1139,3 +1139,16 @@ def test_worker_batches_end_to_end(worker_with_clock, kernel):
                                    | DATA_RECEIVED})]
     stats = w.stats()
     assert stats.traffic_by_slot[5].tx_packets == 6 and stats.traffic_by_slot[5].rx_packets == 3
+
+
+def test_a_deleted_tun_is_tun_gone_not_a_crash(monkeypatch):
+    """EBADFD from a TUN queue (its interface was deleted, as by wg-quick
+    down) is TunGone, which a worker answers by no longer polling the fd."""
+    import errno as _errno
+    from wgebpf.dataplane.batch import SendBatch, TunGone
+
+    def readv(fd, buffers):
+        raise OSError(_errno.EBADFD, "File descriptor in bad state")
+    monkeypatch.setattr(os, "readv", readv)
+    with pytest.raises(TunGone):
+        SendBatch(1420, conn=None, vnet_hdr=False).read(99)

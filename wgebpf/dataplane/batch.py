@@ -40,6 +40,10 @@ _DATA_PREFIX = b"\x04\x00\x00\x00"
 _ZEROS = bytes(64)
 
 
+class TunGone(Exception):
+    """The TUN queue's device was deleted (EBADFD): nothing more comes."""
+
+
 class SendBatch:
     """One worker's send buffers, shared by all its peers."""
 
@@ -60,6 +64,10 @@ class SendBatch:
             size = os.readv(fd, self._iov)
         except (BlockingIOError, InterruptedError):
             return None
+        except OSError as exc:
+            if exc.errno == errno.EBADFD:
+                raise TunGone(fd) from exc
+            raise
         if self.vnet_hdr:
             # No offloads are enabled for reading (tun.py): the header is
             # all zeros and the packet complete, checksums included.

@@ -35,7 +35,7 @@ from .commands import (EndpointLearned, HandshakeConfirmed, Init, InstallKeypair
                        SocketsDone, Stats, StatsRequest, Stop, TimerEvents, ZeroKeys)
 from ..wireguard import send
 from . import tcpgro
-from .batch import ReceiveBatch, SendBatch
+from .batch import ReceiveBatch, SendBatch, TunGone
 from .udp import SegmentSender, enable_gro
 from ..wireguard.device import Device, LocalDataplane
 from ..wireguard.noise import Keypair
@@ -270,7 +270,8 @@ class Worker:
         moved = tuple(MovedKeypair(kp.export(), role) for role in ("previous", "current", "next")
                       if (kp := getattr(peer.keypairs, role)) is not None) if export else ()
         fd = self.tun.fds.pop(slot)
-        self.selector.unregister(fd)
+        if fd in self.selector.get_map():         # not if its device vanished (TunGone)
+            self.selector.unregister(fd)
         os.close(fd)
         if export:
             # The keypairs move with the peer: their indices stay live.
@@ -418,8 +419,15 @@ class Worker:
 
     def _drain_tun(self, slot: int) -> None:
         peer = self.by_slot.get(slot)
-        if peer is not None:
+        if peer is None:
+            return
+        try:
             self.sending.drain(self.device, peer, self.tun.fds[slot])
+        except TunGone:
+            # The interface was deleted (`ip link delete`, wg-quick down):
+            # the control plane stops us next; until then, stop polling.
+            self.selector.unregister(self.tun.fds[slot])
+            log.info("%s: TUN queue %d is gone (interface deleted)", self.device.name, slot)
 
     def _drain_control(self) -> None:
         while True:
