@@ -5,6 +5,7 @@ snapshot of two real in-memory devices. No root, no namespaces.
 
 from __future__ import annotations
 
+import ast
 import base64
 import pathlib
 import re
@@ -19,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from memnet import ipv4_packet, pair
 from wgebpf import __version__
 from wgebpf.control import status
-from wgebpf.control.metrics import DROP_REASONS, MetricsServer, SnapshotCollector, parse_address
+from wgebpf.control.metrics import (DROP_REASONS, PEER_DROP_REASONS, MetricsServer,
+                                    SnapshotCollector, parse_address)
 
 KEY_B = base64.b64encode(bytes(range(32))).decode()
 KEY_C = base64.b64encode(bytes(range(1, 33))).decode()
@@ -225,22 +227,101 @@ def test_optional_sections_are_absent_when_the_snapshot_lacks_them():
         assert family not in kinds
 
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent / "wgebpf"
+
+
+def drop_calls() -> list[tuple[str, str, int]]:
+    """(reason, file:line, number of arguments) for every drop("...", ...)
+    or x.drop("...", ...) call in wgebpf/ whose reason is a string literal."""
+    calls = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name == "drop" and node.args and isinstance(node.args[0], ast.Constant) \
+                    and isinstance(node.args[0].value, str):
+                where = f"{path.relative_to(ROOT.parent)}:{node.lineno}"
+                calls.append((node.args[0].value, where, len(node.args) + len(node.keywords)))
+    return calls
+
+
 def test_drop_reasons_cover_the_source():
-    """Every drops["..."] the code counts has a documented reason."""
-    root = pathlib.Path(__file__).resolve().parent.parent / "wgebpf"
+    """Every reason the code counts a drop for is in DROP_REASONS (so it is
+    exported at 0 from the start, and documented)."""
+    calls = drop_calls()
+    assert len(calls) > 20, "the scan found few drop() calls: did the code change shape?"
+    missing = {(reason, where) for reason, where, _ in calls if reason not in DROP_REASONS}
+    assert not missing, f"drop reasons missing from metrics.DROP_REASONS: {sorted(missing)}"
+    # The ones not counted through drop(): drops["..."], the worker's send and
+    # TUN write errors, the kernel's tx_dropped (status.tun_queue_drops).
     counted = set()
-    for path in root.rglob("*.py"):
-        counted |= set(re.findall(r"drops\[\"([a-z_0-9]+)\"\]", path.read_text()))
-        counted |= set(re.findall(r"\bdrop\(\"([a-z_0-9]+)\"", path.read_text()))
-        counted |= set(re.findall(r"\(\"([a-z_0-9]+)\", self\.(?:conn|tun), ", path.read_text()))
-    counted |= {"queue_full"}             # status.tun_queue_drops
-    assert counted, "the pattern found nothing: did the code change shape?"
+    for path in ROOT.rglob("*.py"):
+        text = path.read_text()
+        counted |= set(re.findall(r"drops\[\"([a-z_0-9]+)\"\]", text))
+        counted |= set(re.findall(r"\(\"([a-z_0-9]+)\", self\.(?:conn|tun)\.take_", text))
+        counted |= set(re.findall(r"\{\"([a-z_0-9]+)\": int\(f\.read\(\)\)\}", text))
+    assert {"udp_send_failed", "tun_write_failed", "queue_full"} <= counted, \
+        "the worker-only reasons were not found: did the code change shape?"
     assert counted <= set(DROP_REASONS), counted - set(DROP_REASONS)
-    readme = (root.parent / "README.md").read_text()
+    readme = (ROOT.parent / "README.md").read_text()
     readme = readme[readme.index("\n## Metrics\n"):]
     readme = readme[:readme.index("\n## ", 1)]
     for reason in DROP_REASONS:
         assert f"`{reason}`" in readme, f"README's Metrics section lacks drop reason {reason}"
+
+
+def test_peer_drop_reasons_cover_the_source():
+    """Every drop("...", peer) reason is in PEER_DROP_REASONS, so each peer
+    has its series from the start; and PEER_DROP_REASONS names no reason that
+    never belongs to a peer."""
+    with_peer = {reason for reason, _, arguments in drop_calls() if arguments >= 2}
+    assert "replay" in with_peer and "malformed" not in with_peer
+    with_peer.add("source_policy")           # status.add_policy_counters
+    assert with_peer == set(PEER_DROP_REASONS), \
+        (with_peer - set(PEER_DROP_REASONS), set(PEER_DROP_REASONS) - with_peer)
+    assert len(set(PEER_DROP_REASONS)) == len(PEER_DROP_REASONS)
+
+
+def test_every_known_label_set_is_exported_from_the_start():
+    """A snapshot as a fresh interface gives it (no traffic, nothing
+    counted): every peer has every peer drop reason, every handshake result
+    and its host AllowedIPs as next hops, at 0; every worker each direction."""
+    idle = {"interface": "wg0", "drops": {},
+            "peers": {KEY_B: {"slot": 1, "worker": 1, "drops": {},
+                              "allowed_ips": ["198.51.100.2/32", "2001:db8:100::2/128",
+                                              "198.51.100.0/24"]},
+                      KEY_C: {"slot": 2, "worker": 2, "allowed_ips": []}},
+            "workers": [{"worker": 1, "alive": True}, {"worker": 2, "alive": True}],
+            "nexthops": {}}
+    exposed = samples(scrape(idle))
+    for key in (KEY_B, KEY_C):
+        for reason in PEER_DROP_REASONS:
+            assert exposed["wgebpf_peer_dropped_packets_total",
+                           L(interface="wg0", public_key=key, reason=reason)] == 0
+        for result in ("completed", "failed"):
+            assert exposed["wgebpf_peer_handshakes_total",
+                           L(interface="wg0", public_key=key, result=result)] == 0
+    for worker in ("1", "2"):
+        for direction in ("received", "sent"):
+            assert exposed["wgebpf_worker_packets_total",
+                           L(interface="wg0", worker=worker, direction=direction)] == 0
+    nexthops = {dict(labels)["nexthop"]: (dict(labels)["public_key"], value)
+                for (name, labels), value in exposed.items()
+                if name == "wgebpf_nexthop_packets_total"}
+    assert nexthops == {"198.51.100.2": (KEY_B, 0), "2001:db8:100::2": (KEY_B, 0)}
+    peer_reasons = {dict(labels)["reason"] for name, labels in exposed
+                    if name == "wgebpf_peer_dropped_packets_total"}
+    assert peer_reasons == set(PEER_DROP_REASONS)
+
+
+def test_counted_next_hops_replace_their_zero():
+    exposed = samples(scrape(dict(SNAPSHOT)))
+    assert exposed["wgebpf_nexthop_packets_total", L(interface="wg0", nexthop="198.51.100.2",
+                                                     public_key=KEY_B)] == 30
+    assert exposed["wgebpf_nexthop_packets_total",
+                   L(interface="wg0", nexthop="2001:db8:100::2", public_key=KEY_B)] == 0
 
 
 # ---- compatibility names (MindFlavor's prometheus_wireguard_exporter) ---------

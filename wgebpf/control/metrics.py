@@ -15,13 +15,22 @@ would start new series. Only public keys appear; the snapshot holds no
 private or preshared key, and tests/test_metrics.py checks a scrape for the
 interface's private key.
 
+Every label set known in advance is exported from the first scrape, at 0,
+as Prometheus' instrumentation guidelines advise (so rate() and every
+dashboard panel have a series on a healthy, idle host): each drop reason of
+DROP_REASONS, each peer with each reason of PEER_DROP_REASONS, each worker
+with each direction, each handshake result, each classifier, XDP, fallback
+and source-policy verdict, and each host address (/32, /128) in a peer's
+AllowedIPs as a next hop.
+
 The families, by snapshot key:
 
   peers        wgebpf_peer_{received,sent}_{bytes,packets}_total,
                wgebpf_peer_handshakes_total{result}, ..._handshake_initiations_total,
                wgebpf_peer_latest_handshake_timestamp_seconds (0 = never),
                wgebpf_peer_keypair_age_seconds, wgebpf_peer_info,
-               wgebpf_peer_dropped_packets_total{reason} (where a drop has a peer)
+               wgebpf_peer_dropped_packets_total{reason} (PEER_DROP_REASONS and any
+               other reason the peer has)
   drops        wgebpf_dropped_packets_total{reason}
   workers      wgebpf_worker_{packets,bytes}_total{direction}, ..._busy_seconds_total,
                ..._queue_depth, ..._restarts_total, ..._up, ..._peers
@@ -31,7 +40,8 @@ The families, by snapshot key:
                wgebpf_nexthop_route_reads_total (next hop read from the route),
                wgebpf_nexthop_fallbacks_total{reason} (looked up instead;
                every reason of FALLBACK_REASONS from the start)
-  nexthops     wgebpf_nexthop_{packets,bytes}_total{nexthop, public_key}
+  nexthops     wgebpf_nexthop_{packets,bytes}_total{nexthop, public_key} (the
+               peers' host AllowedIPs at 0 until traffic)
   policy       wgebpf_source_policy_packets_total{public_key, verdict}
   xdp          wgebpf_xdp_packets_total{reason}
   handshake_duration_seconds   wgebpf_handshake_duration_seconds (histogram)
@@ -101,6 +111,17 @@ DROP_REASONS: dict[str, str] = {
     "tun_write_failed": "writing a decrypted packet to the peer's TUN queue failed",
 }
 
+# The reasons above that can belong to a peer (Device.drop(reason, peer),
+# and source_policy, which status.py pins on the peer whose slot it is):
+# wgebpf_peer_dropped_packets_total has each of them for each peer from the
+# start. tests/test_metrics.py checks this against the source too.
+PEER_DROP_REASONS: tuple[str, ...] = (
+    "no_endpoint", "no_session", "index_refused",
+    "expired_keypair", "replay", "auth_failed", "malformed_inner",
+    "source_policy",
+)
+assert set(PEER_DROP_REASONS) <= set(DROP_REASONS)
+
 Snapshot = Callable[[], dict]
 
 
@@ -165,8 +186,9 @@ def peer_families(interface: str, peers: dict) -> Iterator[Metric]:
                          _text(peer.get("worker")), _text(peer.get("slot")),
                          ",".join(peer.get("allowed_ips") or ()),
                          _text(peer.get("source_policy"))], {})
-        for reason, count in sorted((peer.get("drops") or {}).items()):
-            dropped.add_metric([interface, public_key, reason], _number(count))
+        drops = peer.get("drops") or {}
+        for reason in sorted(set(PEER_DROP_REASONS) | set(drops)):
+            dropped.add_metric([interface, public_key, reason], _number(drops.get(reason)))
     yield from (handshakes, latest, age, info, dropped)
 
 
@@ -221,7 +243,25 @@ def worker_families(interface: str, workers: list) -> Iterator[Metric]:
     yield from (traffic["packets"], traffic["bytes"], busy, depth, restarts, up, owned)
 
 
-def ebpf_families(interface: str, status: dict, slots: dict[str, str]) -> Iterator[Metric]:
+def known_nexthops(peers: dict) -> Iterator[tuple[str, dict]]:
+    """A zero entry for every host address (/32, /128) in a peer's
+    AllowedIPs (its tunnel address: what a route through the interface
+    names as its gateway, or an on-link destination), so the next-hop
+    series exist before the classifier's map has an entry, which it makes
+    on a next hop's first packet. Other next hops appear with traffic."""
+    for public_key, peer in peers.items():
+        for text in peer.get("allowed_ips") or ():
+            try:
+                net = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                continue
+            if net.prefixlen == net.max_prefixlen:
+                yield str(net.network_address), {"packets": 0, "bytes": 0,
+                                                 "public_key": public_key}
+
+
+def ebpf_families(interface: str, status: dict, slots: dict[str, str],
+                  peers: dict | None = None) -> Iterator[Metric]:
     if "classifier" in status:
         family = _counter("wgebpf_classifier_packets_total",
                           "Packets the tc egress classifier saw, by verdict: `peer` (a peer "
@@ -233,13 +273,15 @@ def ebpf_families(interface: str, status: dict, slots: dict[str, str]) -> Iterat
     if "classifier_route" in status:
         yield from route_families(interface, status["classifier_route"])
     if "nexthops" in status:
+        nexthops = dict(known_nexthops(peers or {}))
+        nexthops.update(status["nexthops"])
         labels = ["interface", "nexthop", "public_key"]
         packets = _counter("wgebpf_nexthop_packets_total",
                            "Packets the classifier sent to each next hop (an ECMP route's "
                            "members are its next hops); public_key is the peer holding it.",
                            labels)
         size = _counter("wgebpf_nexthop_bytes_total", "Bytes sent to each next hop.", labels)
-        for nexthop, stats in sorted(status["nexthops"].items()):
+        for nexthop, stats in sorted(nexthops.items()):
             key = [interface, nexthop, _text(stats.get("public_key"))]
             packets.add_metric(key, _number(stats.get("packets")))
             size.add_metric(key, _number(stats.get("bytes")))
@@ -339,7 +381,7 @@ def families(status: dict, compat: bool = False) -> Iterator[Metric]:
     yield from peer_families(interface, peers)
     yield drop_family(interface, status.get("drops") or {})
     yield from worker_families(interface, status.get("workers") or [])
-    yield from ebpf_families(interface, status, slots)
+    yield from ebpf_families(interface, status, slots, peers)
     if "handshake_duration_seconds" in status:
         yield histogram_family(interface, status["handshake_duration_seconds"])
     if compat:
