@@ -187,3 +187,23 @@ def test_quick_bench_writes_every_configuration_and_metric(tmp_path):
     import matplotlib.image
     image = matplotlib.image.imread(out / "bench.png")
     assert image.shape[0] > 300 and image.shape[1] > 600
+
+
+def test_progress_says_what_runs_now_and_time_left_in_plain_lines(tmp_path, monkeypatch, capsys):
+    """Not a terminal (pytest's capture): one plain line per run started and
+    per run finished, naming the configuration, runs done and time left."""
+    def fake_repeat(setup, plan):
+        return {"values": {"tcp1_gbps": 1.0}, "errors": {}, "detail": {}, "seconds": 0.0}
+    monkeypatch.setattr(bench, "run_repeat", fake_repeat)
+    monkeypatch.setattr(bench, "render_plot", lambda result, path: None)
+    bench.run(str(tmp_path), ["wgebpf-wgebpf", "wireguard-go-wireguard-go"], [2], ["nexthop"],
+              repeats=2, seconds=1, quick=False)
+    lines = capsys.readouterr().err.splitlines()
+    running = [line for line in lines if "running" in line]
+    assert len(running) == 4
+    assert running[0].startswith("bench: [1/2] running wgebpf <-> wgebpf, Workers 2, nexthop; "
+                                 "0 of 4 runs done, about ")
+    assert running[3].startswith("bench: [2/2] running wireguard-go <-> wireguard-go; "
+                                 "3 of 4 runs done, about ")
+    assert all(line.endswith("min left") for line in running)
+    assert not any("\r" in line or "\033" in line for line in lines)

@@ -557,6 +557,25 @@ def _log(text: str) -> None:
     print(f"bench: {text}", file=sys.stderr, flush=True)
 
 
+def _time_left(t0: float, done: int, total: int, plan: "Plan", setups: list) -> str:
+    """About how long the rest takes: the plan's estimate until a run has
+    finished, then the mean of the runs so far."""
+    if done:
+        per = (time.monotonic() - t0) / done
+    else:
+        per = plan.estimate(len(setups)) / total
+    return f"about {math.ceil(per * (total - done) / 60)} min left"
+
+
+def _progress(text: str) -> None:
+    """What runs now: one line rewritten in place on a terminal, a plain line
+    otherwise (a log file or CI keeps every one)."""
+    if sys.stderr.isatty():
+        print(f"\r\033[Kbench: {text}", end="", file=sys.stderr, flush=True)
+    else:
+        _log(text)
+
+
 def _brief(values: dict) -> str:
     parts = []
     for key, fmt in (("tcp1_gbps", "tcp1 {:.2f} Gbit/s"), ("tcp4_gbps", "tcp4 {:.2f} Gbit/s"),
@@ -581,13 +600,19 @@ def run(output_dir: str, systems: list[str], workers: list[int], selections: lis
     started, t0 = datetime.datetime.now(datetime.timezone.utc), time.monotonic()
     load_before = os.getloadavg()
     runs: dict[Setup, list[dict]] = {s: [] for s in setups}
+    total, done = plan.repeats * len(setups), 0
     for rep in range(1, plan.repeats + 1):
         for setup in setups:
+            _progress(f"[{rep}/{plan.repeats}] running {setup.id}; "
+                      f"{done} of {total} runs done, {_time_left(t0, done, total, plan, setups)}")
             result = run_repeat(setup, plan)
+            done += 1
             # Other work on the machine skews a repeat: keep the evidence with it.
             result["repeat"], result["loadavg_1min"] = rep, round(os.getloadavg()[0], 2)
             runs[setup].append(result)
             failed = ", ".join(k for k in result["errors"] if k != "log")
+            if sys.stderr.isatty():
+                print("\r\033[K", end="", file=sys.stderr)
             _log(f"[{rep}/{plan.repeats}] {setup.id}: {_brief(result['values'])}"
                  + (f"  FAILED: {failed}" if failed else ""))
     configs = []
