@@ -227,11 +227,9 @@ def test_next_hop_no_peer_owns_goes_to_queue_0_and_is_counted(dp):
     assert dp.classifier.nexthop_counters()[ipaddress.ip_address("198.51.100.77")].packets >= 1
 
 
-def test_bound_socket_takes_the_kernels_route_on_ours(dp):
-    """A socket bound to the TUN sends where a more specific route leaves by
-    another device (a veth here). The kernel keeps to the TUN's own route,
-    and the classifier reads that route: IPv4 and IPv6 both reach the
-    gateway's peer, with no lookup."""
+def _more_specific_routes_by_a_veth(dp) -> None:
+    """203.0.113.0/24 and 2001:db8:300::/48 via peer slot 2 on the TUN, and
+    more specific halves of them via a veth (slot 3 holds the IPv6 one)."""
     other = f"wgv{secrets.token_hex(4)}"
     sh(f"ip link add {other} type veth peer name {other}p"
        f" && ip link set {other} up && ip link set {other}p up"
@@ -243,6 +241,14 @@ def test_bound_socket_takes_the_kernels_route_on_ours(dp):
        f" && ip -6 route add 2001:db8:300::/64 via 2001:db8:1::2 dev {other}")
     dp.classifier.set_peer(2, ["198.51.100.3/32", "fe80::3/128"])
     dp.classifier.set_peer(3, ["198.51.100.4/32", "2001:db8:300::/64"])
+
+
+def test_bound_socket_takes_the_kernels_route_on_ours(dp):
+    """A socket bound to the TUN sends where a more specific route leaves by
+    another device (a veth here). The kernel keeps to the TUN's own route,
+    and the classifier reads that route: IPv4 and IPv6 both reach the
+    gateway's peer, with no lookup."""
+    _more_specific_routes_by_a_veth(dp)
     before, routed = dp.classifier.counters(), dp.classifier.route_counters()["dst"]
     assert dp.route("203.0.113.9", bind_dev=dp.name) == 2
     assert dp.route("2001:db8:300::9", bind_dev=dp.name) == 2
@@ -253,23 +259,13 @@ def test_bound_socket_takes_the_kernels_route_on_ours(dp):
 
 
 def test_route_through_another_device_is_looked_up_again_on_ours(dp_lookup):
-    dp = dp_lookup
     """A socket bound to the TUN sends where a more specific route leaves by
     another device (a veth here). The kernel keeps to the TUN's own route;
     the classifier's flow-hashed lookup sees the other route first, so it
     asks again pinned to the TUN (IPv4: exactly the kernel's answer). IPv6's
     pinned lookup only prefers the device, so there the destination decides."""
-    other = f"wgv{secrets.token_hex(4)}"
-    sh(f"ip link add {other} type veth peer name {other}p"
-       f" && ip link set {other} up && ip link set {other}p up"
-       f" && ip addr add 192.0.2.1/24 dev {other}"
-       f" && ip addr add 2001:db8:1::1/64 dev {other} nodad"
-       f" && ip route add 203.0.113.0/24 via 198.51.100.3 dev {dp.name}"
-       f" && ip route add 203.0.113.0/25 via 192.0.2.2 dev {other}"
-       f" && ip -6 route add 2001:db8:300::/48 via fe80::3 dev {dp.name}"
-       f" && ip -6 route add 2001:db8:300::/64 via 2001:db8:1::2 dev {other}")
-    dp.classifier.set_peer(2, ["198.51.100.3/32", "fe80::3/128"])
-    dp.classifier.set_peer(3, ["198.51.100.4/32", "2001:db8:300::/64"])
+    dp = dp_lookup
+    _more_specific_routes_by_a_veth(dp)
     before = dp.classifier.counters()
     assert dp.route("203.0.113.9", bind_dev=dp.name) == 2
     mid = dp.classifier.counters()
