@@ -166,7 +166,7 @@ class QuickSide:
             return ""
 
     def status(self) -> dict:
-        out = self.ns.run(netns.wgebpf_argv() + ["status", self.ifname]).stdout
+        out = self.ns.run(netns.wgebpf_argv() + ["status", self.ifname, "--json"]).stdout
         return json.loads(out)
 
     def close(self) -> None:

@@ -180,19 +180,28 @@ def set_command(
 
 
 @app.command("status")
-def status_command(name: str = typer.Argument(..., help="interface name")):
-    """Print wgebpf's own state as JSON: workers, drops by reason, eBPF
-    counters, traffic per next hop (what `wg show` cannot carry).
+def status_command(
+    name: str = typer.Argument(..., help="interface name"),
+    as_json: bool = typer.Option(False, "--json", help="print the status as JSON (for scripts)"),
+):
+    """Print wgebpf's own state: workers, peers, drops by reason, eBPF
+    counters, traffic per next hop (what `wg show` cannot carry), in
+    aligned columns; --json prints it all as JSON.
 
-    Example: wgebpf status wg0 | jq .workers
+    Examples: wgebpf status wg0; wgebpf status wg0 --json | jq .workers
     """
     import json
     from .control.show import ShowError, status
     check_ifname(name)
     try:
-        typer.echo(json.dumps(status(name), indent=2, sort_keys=True))
+        snapshot = status(name)
     except ShowError as exc:
         fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(snapshot, indent=2, sort_keys=True))
+    else:
+        from .control.status_text import render_text
+        typer.echo(render_text(snapshot), nl=False)
 
 
 @app.command()

@@ -11,9 +11,9 @@ narration before each step: a route via B carries 203.0.113.0/24 through B;
 `ip route replace` moves it to C with no WireGuard change; an ECMP route
 spreads 32 UDP flows over both; B sends from C's tunnel address and the
 `fib` source policy drops it. The evidence for each step is A's per-peer
-next-hop counters (`wgebpf status`: nexthops), nftables counters on B and C
-(what arrived there from the tunnel) and A's source-policy counters. The
-demo checks its own evidence and fails when a step did not do what it says.
+next-hop counters (`wgebpf status`: next-hop traffic), nftables counters on
+B and C (what arrived there from the tunnel) and A's source-policy counters.
+The demo checks its own evidence and fails when a step did not do what it says.
 
 `wgebpf demo --classic` (run_demo) is the point-to-point demo: the standard
 two-host topology of wgebpf.lab.netns, wireguard-go on host B and `wgebpf
@@ -414,7 +414,7 @@ def _hub_steps(hub: Hub) -> None:
     print(_indent(hub.wg["a"].wg("show", hub.dev, "allowed-ips").stdout))
     print(f"Only the peers' tunnel addresses are in AllowedIPs; {NET} is in none.\n"
           f"Below, 'A sent it' is what A's eBPF classifier sent to each peer (wgebpf status:\n"
-          f"nexthops); 'arrived' is an nftables counter on B and on C.\n")
+          f"next-hop traffic); 'arrived' is an nftables counter on B and on C.\n")
 
     _step(f"1. A route sends {NET} through B, with nothing written in WireGuard")
     before = hub.counts()
@@ -469,7 +469,7 @@ def _hub_steps(hub: Hub) -> None:
                      >= SPOOF_COUNT, 5, 0.2)
     time.sleep(0.3)     # a datagram that got through after all shows up now
     b1, delivered1 = hub.policy("b"), hub.delivered()
-    print(f"    B's dropped_fib (wgebpf status: policy)         "
+    print(f"    B's dropped_fib (wgebpf status: source policy)  "
           f"{b0['dropped_fib']} -> {b1['dropped_fib']}")
     print(f"    delivered to A's port {SPOOF_PORT}                     "
           f"{delivered1 - delivered0}")
@@ -490,7 +490,7 @@ def _hub_steps(hub: Hub) -> None:
                      str(SPOOF_PORT), str(SPOOF_COUNT)])
     netns.wait_until(lambda: hub.delivered() - delivered1 >= SPOOF_COUNT, 5, 0.2)
     c1, delivered2 = hub.policy("c"), hub.delivered()
-    print(f"    C's accepted (wgebpf status: policy)            "
+    print(f"    C's accepted (wgebpf status: source policy)     "
           f"{c0['accepted']} -> {c1['accepted']}")
     print(f"    delivered to A's port {SPOOF_PORT}                     "
           f"{delivered2 - delivered1}\n")

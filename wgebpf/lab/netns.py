@@ -607,10 +607,10 @@ class Wgebpf(WgInterface):
         return self.ns.run(wgebpf_argv() + list(args), check=check, timeout=timeout)
 
     def status(self) -> dict:
-        """`wgebpf status NAME`, parsed: peers (by public key), workers, drops,
+        """`wgebpf status NAME --json`, parsed: peers (by public key), workers, drops,
         classifier and next-hop counters. Workers report about every 0.5 s,
         so poll it with wait_until rather than reading it once."""
-        return json.loads(self.cli("status", self.ifname).stdout)
+        return json.loads(self.cli("status", self.ifname, "--json").stdout)
 
     def kill(self) -> None:
         """SIGKILL the attach process alone, as a crash would."""
