@@ -238,4 +238,20 @@ struct wg_policy_counts {
 #define WG_MESSAGE_DATA_MIN_LEN		32	/* header 16 + Poly1305 tag 16 */
 #define WG_SOCKET_CONTROL		0
 
+/* Spreading one keypair over the workers: a wg_rxindex value with
+ * WG_RX_SPREAD set (above every position, which is < 2^16) is not a
+ * position but "any of the first W workers", W in its low bits
+ * (WG_RX_WORKERS_MASK; the loader stores the current worker count and
+ * rewrites spread entries when it changes). A data message then goes to
+ * position 1 + ((counter >> WG_RX_SPREAD_SHIFT) + index) % W, its counter
+ * being the little-endian __u64 at WG_RX_COUNTER_OFFSET: every copy of a
+ * counter meets the same worker and its replay window, and runs of
+ * 2^WG_RX_SPREAD_SHIFT consecutive counters (128: a sender's GSO burst of
+ * at most 64 crosses at most one run's end) stay on one worker. W = 0:
+ * control plane. */
+#define WG_RX_SPREAD		(1U << 16)
+#define WG_RX_WORKERS_MASK	0xffff
+#define WG_RX_SPREAD_SHIFT	7
+#define WG_RX_COUNTER_OFFSET	8
+
 #endif /* WGEBPF_COMMON_H */

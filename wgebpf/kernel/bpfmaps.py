@@ -187,6 +187,12 @@ MESSAGE_DATA = 4
 MESSAGE_DATA_MIN_LEN = 32
 SOCKET_CONTROL = 0
 
+# Spread entries of wg_rxindex (common.h): RX_SPREAD | W, W in the low bits.
+RX_SPREAD = 1 << 16
+RX_WORKERS_MASK = 0xFFFF
+RX_SPREAD_SHIFT = 7
+RX_COUNTER_OFFSET = 8
+
 # The layouts common.h declares, by C name, for the agreement test.
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "wg_config": Config,
