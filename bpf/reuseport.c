@@ -9,6 +9,11 @@
  * Return value: the position (join order) of the socket in the group.
  *   wg_rxindex[receiver index]   a data message (type 4) whose receiver
  *                                index a worker owns: that worker's socket
+ *   1 + ((counter >> WG_RX_SPREAD_SHIFT) + index) % W
+ *                                a data message whose index is spread over
+ *                                W workers (entry WG_RX_SPREAD | W): the
+ *                                worker picked by its counter, so every copy
+ *                                of one counter meets the same replay window
  *   WG_SOCKET_CONTROL (0)        everything else: handshake initiations and
  *                                responses, cookie replies, unknown indexes,
  *                                short or malformed messages. The control
@@ -31,10 +36,28 @@ static __always_inline u32 le32(u32 v)
 #endif
 }
 
+/* The worker of a counter of a spread index: runs of 2^WG_RX_SPREAD_SHIFT
+ * counters per worker, in turn, offset by the index so that keypairs do not
+ * all start on worker 1. */
+static __always_inline u32 spread_position(struct __sk_buff *skb, u32 index, u32 entry)
+{
+	u64 counter;
+	u32 workers = entry & WG_RX_WORKERS_MASK;
+
+	if (!workers)
+		return WG_SOCKET_CONTROL;
+	if (bpf_skb_load_bytes(skb, WG_RX_COUNTER_OFFSET, &counter, sizeof(counter)) < 0)
+		return WG_SOCKET_CONTROL;
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+	counter = __builtin_bswap64(counter);
+#endif
+	return 1 + (u32)(((counter >> WG_RX_SPREAD_SHIFT) + index) % workers);
+}
+
 int wg_reuseport(struct __sk_buff *skb)
 {
 	u32 head[2];	/* type + 3 reserved zero bytes, receiver index */
-	u32 index, *position;
+	u32 index, *entry;
 
 	if (skb->len < WG_MESSAGE_DATA_MIN_LEN)
 		return WG_SOCKET_CONTROL;
@@ -44,6 +67,10 @@ int wg_reuseport(struct __sk_buff *skb)
 	if (le32(head[0]) != WG_MESSAGE_DATA)
 		return WG_SOCKET_CONTROL;
 	index = le32(head[1]);
-	position = wg_rxindex.lookup(&index);
-	return position ? *position : WG_SOCKET_CONTROL;
+	entry = wg_rxindex.lookup(&index);
+	if (!entry)
+		return WG_SOCKET_CONTROL;
+	if (*entry & WG_RX_SPREAD)
+		return spread_position(skb, index, *entry);
+	return *entry;
 }

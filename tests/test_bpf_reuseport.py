@@ -4,11 +4,15 @@ In a fresh namespace, three UDP sockets join one SO_REUSEPORT group on
 loopback (position 0: the control plane, 1 and 2: workers), for IPv4 and
 for IPv6, with reuseport.c attached to the first socket of each group. A
 client sends WireGuard-shaped messages; each case says which socket must
-receive it.
+receive it. Spread indexes (one keypair opened by several workers, picked
+by counter) are checked with BPF_PROG_TEST_RUN against the Python mirror,
+and over real sockets.
 """
 
 from __future__ import annotations
 
+import ctypes
+import random
 import secrets
 import select
 import socket
@@ -17,7 +21,8 @@ import struct
 import pytest
 
 from wgebpf.kernel import bpfmaps
-from wgebpf.kernel.reuseport import ReuseportSteering
+from wgebpf.kernel.reuseport import ReuseportSteering, owns, spread_position
+from wgebpf.kernel.xdp_guard import test_run
 
 pytestmark = pytest.mark.netns
 
@@ -157,3 +162,72 @@ def test_index_and_position_ranges_are_checked(steering):
         steering.set_index(1 << 32, 1)
     with pytest.raises(ValueError):
         steering.set_index(1, -1)
+
+
+# -- spread indexes: the worker by counter ------------------------------------------------
+
+INDEX_SPREAD = 0x5EED0001
+
+
+def data_with_counter(index: int, counter: int, length: int = 32 + 64) -> bytes:
+    head = struct.pack("<IIQ", bpfmaps.MESSAGE_DATA, index, counter)
+    return head + secrets.token_bytes(length - len(head))
+
+
+def test_run_agrees_with_the_python_mirror_on_many_counters(steering):
+    """BPF_PROG_TEST_RUN of the program (an Ethernet header in front, which
+    the kernel pulls for a socket filter) against spread_position()."""
+    rng = random.Random(14)
+    ethernet = bytes(12) + b"\x08\x00"
+    for workers in (1, 2, 3, 4, 7, 16):
+        index = rng.randrange(1 << 32)
+        steering.set_spread(index, workers)
+        counters = [rng.randrange(1 << 64) for _ in range(300)] + list(range(0, 2000, 37))
+        counters += [(1 << 64) - 1, (1 << 64) - 128, 127, 128]
+        for counter in counters:
+            got, _ = test_run(steering.prog_fd, ethernet + data_with_counter(index, counter))
+            assert got == spread_position(counter, index, workers), (workers, counter)
+    # Unmarked indexes keep their position; an entry with the flag and no
+    # workers (never written by the loader) goes to the control plane.
+    steering.set_index(INDEX_W2, 2)
+    assert test_run(steering.prog_fd, ethernet + data_with_counter(INDEX_W2, 999))[0] == 2
+    steering._index[ctypes.c_uint32(INDEX_W1)] = ctypes.c_uint32(bpfmaps.RX_SPREAD)
+    assert test_run(steering.prog_fd, ethernet + data_with_counter(INDEX_W1, 999))[0] == 0
+
+
+def test_spread_runs_of_128_counters_take_turns():
+    assert [spread_position(c, 0, 3) for c in (0, 127, 128, 255, 256, 384)] == [1, 1, 2, 2, 3, 1]
+    assert spread_position(0, 1, 3) == 2              # the index shifts the start
+    assert spread_position(5, 0, 0) == bpfmaps.SOCKET_CONTROL
+    assert owns(2, 128, 0, 3) and not owns(1, 128, 0, 3)
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
+def test_spread_index_over_real_sockets(steering, family):
+    """Five sockets (control + 4 workers): every copy of a counter reaches
+    the same worker, the one the formula names; counters cover every worker;
+    a plain index beside it keeps its socket."""
+    workers = 4
+    steering.set_spread(INDEX_SPREAD, workers)
+    steering.set_index(INDEX_W1, 1)
+    group = Group(family, steering, size=1 + workers)
+    rng = random.Random(7)
+    counters = [rng.randrange(1 << 20) for _ in range(60)] + [0, 127, 128, 1 << 63]
+    try:
+        first = {c: group.receiver_of(data_with_counter(INDEX_SPREAD, c)) for c in counters}
+        again = {c: group.receiver_of(data_with_counter(INDEX_SPREAD, c)) for c in counters}
+        plain = group.receiver_of(data(INDEX_W1))
+    finally:
+        group.close()
+    assert first == again
+    assert first == {c: spread_position(c, INDEX_SPREAD, workers) for c in counters}
+    assert set(first.values()) == set(range(1, workers + 1))
+    assert plain == 1
+
+
+def test_set_spread_checks_its_arguments(steering):
+    for index, workers in [(1 << 32, 2), (1, 0), (1, 1 << 16)]:
+        with pytest.raises(ValueError):
+            steering.set_spread(index, workers)
+    with pytest.raises(ValueError):
+        steering.set_index(1, bpfmaps.RX_SPREAD)        # a position cannot look spread

@@ -11,6 +11,15 @@ right (both are the kernel's behaviour, not ours):
     the same worker in both (one map serves both groups);
   - closing a socket moves the group's last socket into its place, so after
     a worker's socket closes, re-set the indexes of the one that moved.
+
+A receiver index may instead be spread (set_spread): its data messages go
+to the workers in turn by counter, spread_position() below, so one peer's
+traffic is opened by several workers while every copy of a counter still
+meets one replay window. A worker must then accept into its window only the
+counters that map to it (owns()): the kernel's UDP GRO can merge datagrams
+of several counter runs into one skb, which reaches the socket chosen for
+the first of them, and a replay of a later one, sent alone, would reach
+another worker whose window has not seen it.
 """
 
 from __future__ import annotations
@@ -45,9 +54,19 @@ class ReuseportSteering(m.LoadedProgram):
         """Data messages for `receiver_index` go to the socket at `position`."""
         if not 0 <= receiver_index < 1 << 32:
             raise ValueError(f"receiver index must be a 32-bit unsigned int, not {receiver_index}")
-        if not 0 <= position < 1 << 16:
+        if not 0 <= position < m.RX_SPREAD:
             raise ValueError(f"socket position out of range: {position}")
         self._index[ctypes.c_uint32(receiver_index)] = ctypes.c_uint32(position)
+
+    def set_spread(self, receiver_index: int, workers: int) -> None:
+        """Data messages for `receiver_index` go to positions 1..workers by
+        their counter (spread_position). Set it again when the number of
+        worker sockets changes."""
+        if not 0 <= receiver_index < 1 << 32:
+            raise ValueError(f"receiver index must be a 32-bit unsigned int, not {receiver_index}")
+        if not 1 <= workers <= m.RX_WORKERS_MASK:
+            raise ValueError(f"workers out of range: {workers}")
+        self._index[ctypes.c_uint32(receiver_index)] = ctypes.c_uint32(m.RX_SPREAD | workers)
 
     def remove_index(self, receiver_index: int) -> None:
         """Messages for `receiver_index` go back to the control plane (0)."""
@@ -67,3 +86,20 @@ class ReuseportSteering(m.LoadedProgram):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def spread_position(counter: int, receiver_index: int, workers: int) -> int:
+    """The socket position reuseport.c picks for a data message of a spread
+    index (the same formula; tests check they agree)."""
+    if workers < 1:
+        return m.SOCKET_CONTROL
+    return 1 + ((counter >> m.RX_SPREAD_SHIFT) + receiver_index) % workers
+
+
+def owns(position: int, counter: int, receiver_index: int, workers: int) -> bool:
+    """Whether the worker at `position` may record `counter` of a spread
+    index in its replay window: only the counters steering sends it. A
+    message that arrived anyway (merged by GRO behind another) must be
+    dropped, or handed to its owner: recording it here would let a replay
+    of it, steered to its owner, be accepted a second time."""
+    return spread_position(counter, receiver_index, workers) == position
