@@ -112,12 +112,13 @@ class Attachment:
         self.state = RuntimeState(name=self.name, pid=os.getpid(), underlay=self.underlay)
         self.state.save()
         link.run_hooks(iface.pre_up, self.name)
-        self.tun = Tun.create(self.name, vnet_hdr=True)
+        workers = iface.workers or default_workers()
+        # Queue 0 is the control plane's, queue k worker k's (pool.py).
+        self.tun = Tun.create(self.name, queues=workers + 1, vnet_hdr=True, tap=True)
         mtu = iface.mtu or DEFAULT_MTU
         link.configure(self.name, iface.addresses, mtu)
         self._device_sysctls()
         self._load_bpf()
-        workers = iface.workers or default_workers()
         self.conn = UDPConn(iface.listen_port or 0, self.underlay, iface.fwmark,
                             group=workers + 1, steering=self.reuseport)
         self.device = Device(self.name, iface.private_key, tun=self, conn=self.conn,
@@ -157,11 +158,12 @@ class Attachment:
         link.enable_forwarding(self.name)
 
     def _load_bpf(self) -> None:
-        """The next-hop classifier on tc egress and the TUN steering program
-        that puts each packet on its peer's queue; the reuseport program
-        that hands each data message to the worker owning its session."""
+        """The next-hop classifier on tc egress (it tags each packet with its
+        peer and picks a worker by flow) and the steering program that puts
+        the packet on that worker's queue; the reuseport program that hands
+        each data message to the worker that receives its session."""
         mode = self.config.interface.peer_selection
-        self.classifier = NextHopClassifier(self.name, mode, queues=1)
+        self.classifier = NextHopClassifier(self.name, mode, queues=len(self.tun.fds))
         self.state.tc_filters.append(self.classifier.attach())
         self.state.save()
         self.steering = TunSteering(self.tun, self.classifier)

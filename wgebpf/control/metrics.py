@@ -88,8 +88,10 @@ DROP_REASONS: dict[str, str] = {
     "no_endpoint": "the peer has no endpoint yet (it has never reached us and none is configured)",
     "no_session": "queued while waiting for a handshake, then dropped: the queue (128 packets) "
                   "overflowed or the handshake gave up",
-    "queue_full": "dropped by the kernel on the way to a worker: the peer's TUN queue was full "
-                  "(the interface's tx_dropped)",
+    "queue_full": "dropped by the kernel on the way to a worker: the worker's TAP queue was "
+                  "full (the interface's tx_dropped)",
+    "unknown_peer": "the classifier named a peer the worker does not serve: one added or "
+                    "removed a moment before",
     "udp_send_failed": "sending the encrypted datagram failed (socket buffer full, no route)",
     # incoming (underlay -> kernel)
     "malformed": "a datagram on the listen port that is no well-formed WireGuard message",
@@ -108,7 +110,7 @@ DROP_REASONS: dict[str, str] = {
     "index_refused": "a handshake not sent or answered because a kernel map of session "
                      "indices is full (the XDP guard's, or receive steering's)",
     "source_policy": "the inner source address was refused by SourcePolicy",
-    "tun_write_failed": "writing a decrypted packet to the peer's TUN queue failed",
+    "tun_write_failed": "writing a decrypted packet to the worker's TAP queue failed",
 }
 
 # The reasons above that can belong to a peer (Device.drop(reason, peer),
@@ -230,7 +232,9 @@ def worker_families(interface: str, workers: list) -> Iterator[Metric]:
                         "Times the worker process died and was restarted.", labels)
     up = GaugeMetricFamily("wgebpf_worker_up", "1 if the worker process is running.",
                            labels=labels)
-    owned = GaugeMetricFamily("wgebpf_worker_peers", "Peers the worker owns.", labels=labels)
+    owned = GaugeMetricFamily("wgebpf_worker_peers",
+                              "Peers the worker serves (every worker serves every peer).",
+                              labels=labels)
     for worker in workers:
         position = _text(worker.get("worker"))
         for kind, key, direction in WORKER_TRAFFIC:
@@ -239,7 +243,7 @@ def worker_families(interface: str, workers: list) -> Iterator[Metric]:
         depth.add_metric([interface, position], _number(worker.get("queue_depth")))
         restarts.add_metric([interface, position], _number(worker.get("restarts")))
         up.add_metric([interface, position], 1.0 if worker.get("alive") else 0.0)
-        owned.add_metric([interface, position], float(len(worker.get("peers") or ())))
+        owned.add_metric([interface, position], float(worker.get("peers") or 0))
     yield from (traffic["packets"], traffic["bytes"], busy, depth, restarts, up, owned)
 
 

@@ -22,14 +22,12 @@ def collect(device, parts=None) -> dict:
     pool = getattr(parts, "pool", None)
     classifier = getattr(parts, "classifier", None)
     xdp = getattr(parts, "xdp", None)
-    worker_of = pool.worker_of if pool is not None else {}
     now = device.clock.monotonic()
     peers = {}
     for key, peer in device.peers.items():
         stats = peer.stats
         peers[_b64(key)] = {
             "slot": peer.queue,
-            "worker": worker_of[peer.queue].position if peer.queue in worker_of else None,
             "endpoint": f"{peer.endpoint[0]}:{peer.endpoint[1]}" if peer.endpoint else None,
             "rx_bytes": peer.rx_bytes, "tx_bytes": peer.tx_bytes,
             "rx_packets": stats.rx_packets, "tx_packets": stats.tx_packets,

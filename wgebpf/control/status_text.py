@@ -111,10 +111,10 @@ def _workers(workers: list | None) -> list[str]:
         return ["  (none: not attached)"]
     rows = [[w.get("worker"), w.get("pid"), w.get("alive"), w.get("restarts"),
              w.get("busy_seconds"), w.get("queue_depth"),
-             ",".join(str(s) for s in w.get("peers") or []) or "-",
+             w.get("peers"),
              _bytes(w.get("rx_bytes")), _bytes(w.get("tx_bytes")),
              w.get("fds"), _bytes(w.get("rss_bytes"))] for w in workers]
-    return table(["worker", "pid", "alive", "restarts", "busy s", "queue", "peers (slots)",
+    return table(["worker", "pid", "alive", "restarts", "busy s", "queue", "peers",
                   "rx", "tx", "fds", "rss"], rows)
 
 
@@ -124,12 +124,11 @@ def _peers(peers: dict) -> list[str]:
     rows = []
     for key, p in sorted(peers.items(), key=lambda kv: (kv[1].get("slot") is None,
                                                         kv[1].get("slot") or 0, kv[0])):
-        rows.append([short_key(key), p.get("slot"), p.get("worker"),
-                     p.get("endpoint") or "(none)",
+        rows.append([short_key(key), p.get("slot"), p.get("endpoint") or "(none)",
                      _bytes(p.get("rx_bytes")), _bytes(p.get("tx_bytes")),
                      f"{p.get('handshakes_completed', 0)}/{p.get('handshakes_failed', 0)}",
                      p.get("source_policy"), _drops(p.get("drops"))])
-    return table(["peer", "slot", "worker", "endpoint", "rx", "tx", "hs ok/failed",
+    return table(["peer", "slot", "endpoint", "rx", "tx", "hs ok/failed",
                   "policy", "drops"], rows)
 
 

@@ -1,17 +1,19 @@
 """The workers' batched data path: many packets a wake-up, few system calls,
 no per-packet allocation of packet bytes.
 
-Send (SendBatch.drain): packets are read from a peer's TUN queue into one
-reused buffer, padded in place and sealed (encrypt_into) back to back into
-a second buffer; each run of equal-size data messages to the endpoint
-leaves with one sendmsg (UDP GSO, udp.SegmentSender). A full-size TCP
-stream is one run, since padding makes every full segment the same size.
+Send (SendBatch.drain): frames are read from the worker's TAP queue into
+one reused buffer; each names its peer in its Ethernet header (tun.py,
+"Peer tags"). Consecutive packets of one peer are padded in place and
+sealed (encrypt_into) back to back into a second buffer; each run of
+equal-size data messages to the endpoint leaves with one sendmsg (UDP GSO,
+udp.SegmentSender). A full-size TCP stream is one run, since padding makes
+every full segment the same size.
 
 Receive (ReceiveBatch.drain): one recvmsg returns many datagrams (UDP GRO,
 udp.receive_coalesced); each data message is checked and opened
 (receive.open_into) into a slot of an arena; the packets of each peer are
-written to its TUN queue together, TCP segments of one flow coalesced into
-one super-packet when the TUN takes virtio-net headers (tcpgro.coalesce).
+written to the TAP queue together, tagged with the peer, TCP segments of one
+flow coalesced into one super-packet (tcpgro.coalesce).
 
 Per batch, not per packet: the timer events (they are flags), the
 counters, the roaming check, the rekey checks. Whatever the fast path does
@@ -27,10 +29,10 @@ import os
 import socket
 
 from ..wireguard import receive, send
-from ..wireguard.messages import (AEAD_TAG_LEN, DATA_HEADER, MESSAGE_DATA_MIN_LEN,
-                                  REJECT_AFTER_MESSAGES)
+from ..wireguard.messages import AEAD_TAG_LEN, DATA_HEADER, MESSAGE_DATA_MIN_LEN
+from ..wireguard.noise import KeypairExhausted
 from . import tcpgro
-from .tun import READ_SIZE, TUN_BATCH
+from .tun import ETH_HLEN, READ_SIZE, TUN_BATCH, slot_of
 from .udp import GRO_BUFFER, GSO_MAX_BYTES, GSO_MAX_SEGMENTS, receive_coalesced
 
 MESSAGE_OVERHEAD = DATA_HEADER.size + AEAD_TAG_LEN      # 32
@@ -45,21 +47,22 @@ class TunGone(Exception):
 
 
 class SendBatch:
-    """One worker's send buffers, shared by all its peers."""
+    """One worker's send buffers, shared by all peers."""
 
-    def __init__(self, mtu: int, conn, vnet_hdr: bool, on_write_error=None):
+    def __init__(self, mtu: int, conn, on_write_error=None):
         self.mtu = mtu
         self.conn = conn
-        self.vnet_hdr = vnet_hdr
         self.inbuf = bytearray(READ_SIZE + 64)
-        self.header = bytearray(tcpgro.VNET_HDR_LEN)
+        self.header = bytearray(tcpgro.VNET_HDR_LEN + ETH_HLEN)
         self.out = bytearray(GSO_MAX_BYTES + READ_SIZE + 2 * MESSAGE_OVERHEAD)
         self._in = memoryview(self.inbuf)
         self._out = memoryview(self.out)
-        self._iov = [memoryview(self.header), self._in[:READ_SIZE]] if vnet_hdr else [self._in[:READ_SIZE]]
+        self._tag = memoryview(self.header)[tcpgro.VNET_HDR_LEN:]   # the destination MAC
+        self._iov = [self.header, self._in[:READ_SIZE]]
 
     def read(self, fd: int) -> int | None:
-        """One packet from fd into inbuf; its length, or None if none waits."""
+        """One frame from fd: the packet into inbuf, the headers into header;
+        the packet's length, or None if none waits."""
         try:
             size = os.readv(fd, self._iov)
         except (BlockingIOError, InterruptedError):
@@ -68,54 +71,85 @@ class SendBatch:
             if exc.errno == errno.EBADFD:
                 raise TunGone(fd) from exc
             raise
-        if self.vnet_hdr:
-            # No offloads are enabled for reading (tun.py): the header is
-            # all zeros and the packet complete, checksums included.
-            size -= tcpgro.VNET_HDR_LEN
-        return size
+        # No offloads are enabled for reading (tun.py): the virtio header is
+        # all zeros and the packet complete, checksums included.
+        return size - len(self.header)
 
-    def drain(self, device, peer, fd: int, budget: int = TUN_BATCH) -> None:
+    def drain(self, device, peers: dict, fd: int, budget: int = TUN_BATCH) -> None:
+        """Up to `budget` frames from fd, each sealed for the peer its tag names."""
         now = device.clock.monotonic()
-        keypair = send.sendable_keypair(peer, now)
-        if keypair is None:
-            self._drain_slowly(device, peer, fd, budget)
+        batch = None
+        try:
+            for _ in range(budget):
+                size = self.read(fd)
+                if size is None:
+                    break
+                slot = slot_of(self._tag)
+                if batch is None or batch.slot != slot:
+                    self._finish(device, batch, now)
+                    batch = _PeerBatch(slot, peers.get(slot), now, self.conn)
+                self._one(device, batch, size)
+        finally:
+            self._finish(device, batch, now)
+
+    def _one(self, device, batch: "_PeerBatch", size: int) -> None:
+        peer, keypair = batch.peer, batch.keypair
+        if peer is None:
+            # The classifier named a peer this worker has not heard of (yet:
+            # the peer was added a moment ago, or removed).
+            device.drop("unknown_peer")
             return
-        sock = self.conn.socket_for(peer.endpoint)
-        run = _Run()
-        sent = size_sent = 0
-        data = False
-        for _ in range(budget):
-            size = self.read(fd)
-            if size is None:
-                break
-            if keypair.send_counter >= REJECT_AFTER_MESSAGES:
-                # The keypair is used up: this packet (and the rest) stage
-                # for the next session, as packet_for_peer decides.
-                send.packet_for_peer(device, peer, bytes(self._in[:size]))
-                break
+        if keypair is not None:
             padded = send.padded_length(size, self.mtu)
             if padded > size:
                 self.inbuf[size:padded] = _ZEROS[:padded - size]
             message = MESSAGE_OVERHEAD + padded
+            run = batch.run
             if not run.fits(message):
-                self.conn.send_run(sock, self._out[:run.end], run.size, peer.endpoint)
-                run = _Run()
-            send.seal_into(keypair, self._in[:padded], self._out[run.end:run.end + message])
-            run.add(message)
-            sent += 1
-            size_sent += message
-            data = data or size > 0
-        if run.count:
-            self.conn.send_run(sock, self._out[:run.end], run.size, peer.endpoint)
-        if sent:
-            send.sealed_batch(device, peer, keypair, sent, size_sent, data, now)
-
-    def _drain_slowly(self, device, peer, fd: int, budget: int) -> None:
-        for _ in range(budget):
-            size = self.read(fd)
-            if size is None:
-                return
+                self.conn.send_run(batch.sock, self._out[:run.end], run.size, peer.endpoint)
+                run = batch.run = _Run()
+            try:
+                send.seal_into(keypair, self._in[:padded], self._out[run.end:run.end + message])
+            except KeypairExhausted:
+                batch.keypair = keypair = None   # used up: the rest stage for the next session
+        if keypair is None:
             send.packet_for_peer(device, peer, bytes(self._in[:size]))
+            return
+        run.add(message)
+        batch.sent += 1
+        batch.size_sent += message
+        batch.data = batch.data or size > 0
+
+    def _finish(self, device, batch: "_PeerBatch | None", now: float) -> None:
+        if batch is None or batch.peer is None:
+            return
+        run = batch.run
+        if run.count:
+            self.conn.send_run(batch.sock, self._out[:run.end], run.size, batch.peer.endpoint)
+            batch.run = _Run()
+        if batch.sealed_with is not None:
+            batch.sealed_with.end_batch()
+        if batch.sent:
+            send.sealed_batch(device, batch.peer, batch.sealed_with, batch.sent, batch.size_sent,
+                              batch.data, now)
+            batch.sent = 0
+
+
+class _PeerBatch:
+    """The packets of one peer sealed in a row, between frames of others."""
+
+    __slots__ = ("slot", "peer", "keypair", "sealed_with", "sock", "run", "sent", "size_sent",
+                 "data")
+
+    def __init__(self, slot: int, peer, now: float, conn):
+        self.slot = slot
+        self.peer = peer
+        self.keypair = send.sendable_keypair(peer, now) if peer is not None else None
+        self.sealed_with = self.keypair
+        self.sock = conn.socket_for(peer.endpoint) if self.keypair is not None else None
+        self.run = _Run()
+        self.sent = self.size_sent = 0
+        self.data = False
 
 
 class _Run:
@@ -147,9 +181,8 @@ class ReceiveBatch:
     """One worker's receive buffers: the recvmsg buffer and an arena of
     decrypted packets waiting to be written, by peer."""
 
-    def __init__(self, mtu: int, tun, vnet_hdr: bool):
-        self.tun = tun                   # worker.WorkerTun: fds by slot, error count
-        self.vnet_hdr = vnet_hdr
+    def __init__(self, mtu: int, tun):
+        self.tun = tun                   # worker.WorkerTun: the TAP queue, error count
         self.slot = -(-(max(mtu, 1280) + MESSAGE_OVERHEAD) // 64) * 64
         self.buf = bytearray(GRO_BUFFER)
         self.arena = bytearray(ARENA_SLOTS * self.slot)

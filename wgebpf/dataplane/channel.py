@@ -34,7 +34,7 @@ def pair() -> tuple[socket.socket, socket.socket]:
 
 _ALLOWED_CLASSES = {(cls.__module__, cls.__qualname__): cls
                     for cls in (*commands.TO_WORKER, *commands.TO_CONTROL,
-                                commands.MovedKeypair, commands.PeerTraffic, ReplayWindow)}
+                                commands.PeerTraffic, ReplayWindow)}
 
 
 class _MessageUnpickler(pickle.Unpickler):

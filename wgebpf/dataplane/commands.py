@@ -20,36 +20,27 @@ KeypairState = dict              # noise.Keypair.export()
 
 @dataclass(frozen=True, slots=True)
 class Init:
-    """The first message; fds: the worker's UDP sockets (IPv4, IPv6)."""
-    worker_id: int
+    """The first message; fds: the worker's TAP queue, then its UDP sockets
+    (IPv4, IPv6)."""
+    worker_id: int                  # 1..workers: its TAP queue and socket position
     name: str
     mtu: int
-    vnet_hdr: bool = False          # the TUN's reads and writes carry virtio-net headers
-
-
-@dataclass(frozen=True, slots=True)
-class MovedKeypair:
-    """One session of a peer being moved between workers, and which of the
-    peer's keypair slots (previous, current, next) it fills."""
-    state: KeypairState
-    role: str
+    mac: bytes                      # the TAP's address: frames the worker writes go to it
+    workers: int = 1                # how many workers share every peer's sessions
+    counter_hints: int = 0          # rows in the shared counter hints (fds[-1] when > 0)
 
 
 @dataclass(frozen=True, slots=True)
 class PeerAdd:
-    """Own this peer from now on; fds: its TUN queue. `keypairs` is set when
-    the peer moves from another worker with its sessions."""
+    """Serve this peer from now on (every worker serves every peer)."""
     slot: int
     public_key: bytes
     endpoint: Endpoint
-    keypairs: tuple[MovedKeypair, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class PeerRemove:
-    """Let the peer go; with `export`, answer with its PeerState."""
     slot: int
-    export: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +68,6 @@ class PurgeStaged:
 class SetEndpoint:
     slot: int
     endpoint: Endpoint
-
-
-@dataclass(frozen=True, slots=True)
-class SendStaged:
-    """Packets a moved peer had staged on its old worker."""
-    slot: int
-    packets: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,15 +118,6 @@ class ReleasedIndices:
 
 
 @dataclass(frozen=True, slots=True)
-class PeerState:
-    """The answer to PeerRemove(export=True): the peer's sessions and staged
-    packets, for the worker it moves to."""
-    slot: int
-    keypairs: tuple[MovedKeypair, ...]
-    staged: tuple[bytes, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class SocketsDone:
     pass
 
@@ -167,6 +142,6 @@ class Stats:
 
 
 TO_WORKER = (Init, PeerAdd, PeerRemove, InstallKeypair, SendKeepalive, ZeroKeys, PurgeStaged,
-             SetEndpoint, SendStaged, ReplaceSockets, StatsRequest, Stop)
+             SetEndpoint, ReplaceSockets, StatsRequest, Stop)
 TO_CONTROL = (HandshakeConfirmed, EndpointLearned, NeedHandshake, TimerEvents, ReleasedIndices,
-              PeerState, SocketsDone, Stats)
+              SocketsDone, Stats)

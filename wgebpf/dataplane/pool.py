@@ -4,24 +4,32 @@ Processes, not threads: the per-packet Python, the AEAD call included, holds
 the GIL (docs/platform-notes.md, item 4), so only processes use more than one
 core. The control plane
 
-  - owns every file descriptor the data plane uses: the TUN queues (queue
-    0 is its own: packets no peer takes arrive there) and the UDP sockets
-    of both SO_REUSEPORT groups (position 0 is its own). Workers get dups.
-    Holding them here keeps queue numbers and socket positions stable when
-    a worker dies: the kernel renumbers both when one closes;
-  - gives each peer a slot (= its TUN queue, 1..255) and a worker, the one
-    with the fewest peers; removing a peer moves at most one other peer, with
-    its keypairs, counters and replay windows, to even the load again;
-  - runs handshakes and timers, sends each new keypair to the owning worker
-    and maps its receiver index to that worker's socket position;
-  - restarts a worker that dies; its peers' sessions died with it, so they
-    re-handshake, while every other worker's peers carry on untouched.
+  - owns every file descriptor the data plane uses: the TAP queues (queue
+    0 is its own: packets no peer takes arrive there; queue k is worker
+    k's) and the UDP sockets of both SO_REUSEPORT groups (position 0 is its
+    own). Workers get dups. Holding them here keeps queue numbers and socket
+    positions stable when a worker dies: the kernel renumbers both when one
+    closes;
+  - gives each peer a slot (1..65535): its name in the kernel's maps and in
+    the tag its packets carry (tun.py, "Peer tags"). Queues are workers, not
+    peers: every worker serves every peer, the kernel's flow hash picks the
+    worker of each outgoing packet (a flow stays on one worker, so in order;
+    a peer's flows use every worker), and the receive steering picks the
+    worker of each incoming data message;
+  - runs handshakes and timers, sends each new keypair to every worker
+    (each takes counters from its own share of the keypair's counter
+    space: wireguard/counters.py) and maps its receiver index in the
+    receive steering;
+  - restarts a worker that dies. Every session had a share in it (its replay
+    windows, its counters), so every session is dropped and the peers that
+    had one re-handshake.
 
 Implements the same hooks as device.LocalDataplane.
 """
 
 import collections
 import errno
+import heapq
 import logging
 import os
 import select
@@ -32,18 +40,22 @@ import time
 
 from . import channel
 from .commands import (EndpointLearned, HandshakeConfirmed, Init, InstallKeypair, NeedHandshake,
-                       PeerAdd, PeerRemove, PeerState, PurgeStaged, ReleasedIndices,
-                       ReplaceSockets, SendKeepalive, SendStaged, SetEndpoint, SocketsDone, Stats,
-                       StatsRequest, Stop, TimerEvents, ZeroKeys)
+                       PeerAdd, PeerRemove, PurgeStaged, ReleasedIndices, ReplaceSockets,
+                       SendKeepalive, SetEndpoint, SocketsDone, Stats, StatsRequest, Stop,
+                       TimerEvents, ZeroKeys)
 from ..kernel.bpfmaps import SLOT_MAX
-from ..wireguard import send
+from ..wireguard import counters, send
 from ..wireguard.device import DeviceError
 from .worker import (AUTH_RECEIVED, AUTH_SENT, DATA_RECEIVED, DATA_SENT, EVENT_ORDER,
                      TRAVERSAL)
 
 log = logging.getLogger("wgebpf")
 
-MAX_SLOTS = SLOT_MAX     # TUN queues 1..255; queue 0 is the control plane's
+MAX_SLOTS = SLOT_MAX     # peer slots 1..65535 (the tag and the kernel maps hold 16 bits)
+# Rows of counter hints: a keypair's row is its index modulo this. More live
+# keypairs than rows only share rows, which costs counters, never
+# uniqueness (counters.py). 8 bytes a row per worker.
+HINT_ROWS = 65536
 ROUND_TRIP_TIMEOUT = 1.0
 MIN_UPTIME = 2.0         # a worker that dies sooner is restarted with back-off
 MAX_BACKOFF = 8.0
@@ -68,7 +80,6 @@ class WorkerHandle:
         self.position = position          # its socket position, 1..N
         self.process: subprocess.Popen | None = None
         self.control = None
-        self.slots: set[int] = set()
         self.restarts = 0
         self.started = 0.0
         self.backoff = 0.0
@@ -93,13 +104,15 @@ class WorkerPool:
         self.nft = None
         self.selector = selector
         self.workers = [WorkerHandle(k) for k in range(1, count + 1)]
+        # Where the workers tell each other how far they got in each
+        # keypair's counters (wireguard/counters.py); one worker needs none.
+        self.hints = counters.CounterHints.create(HINT_ROWS, count) if count > 1 else None
         self.peer_by_slot: dict[int, object] = {}
-        self.worker_of: dict[int, WorkerHandle] = {}
-        self.pending_moves: dict[int, WorkerHandle] = {}
-        # Messages for a peer that is being moved: its old worker has let
-        # it go and its new one does not have it yet, so they wait for the
-        # new worker, after the peer itself (_on_peer_state).
-        self.held_for_move: dict[int, list] = {}
+        self.free_slots: list[int] = []          # a heap of slots given back, reused lowest first
+        self.next_slot = 1
+        self.pushed: dict[int, set] = {}         # slot -> the allowed-ips last pushed to the kernel
+        self.pushed_owner: dict = {}             # network -> the slot it was pushed for
+        self.had_sessions: list = []             # peers to re-handshake after a worker restart
         self.stopping = False
         self.launcher = launcher            # (its channel end) -> a Popen-like process
         # Uptime and restart back-off read the device's clock, so tests can
@@ -112,7 +125,6 @@ class WorkerPool:
             EndpointLearned: self._on_endpoint,
             ReleasedIndices: self._on_released,
             SocketsDone: self._on_sockets_done,
-            PeerState: self._on_peer_state,
             Stats: self._on_stats,
         }
 
@@ -127,14 +139,17 @@ class WorkerPool:
         worker.process = self.launcher(theirs)
         worker.started = self.clock.monotonic()
         worker.control = ours
+        hints = [self.hints.fd] if self.hints is not None else []
         channel.send(ours, Init(worker.position, self.device.name, self.device.mtu,
-                                 getattr(self.tun, "vnet_hdr", False)),
-                     [s.fileno() for s in self.conn.position(worker.position)])
+                                self.tun.mac, len(self.workers),
+                                self.hints.rows if self.hints is not None else 0),
+                     [self.tun.fds[worker.position],
+                      *(s.fileno() for s in self.conn.position(worker.position)), *hints])
         ours.setblocking(False)
         if self.selector is not None:
             self.selector.register(ours, selectors.EVENT_READ, ("worker", worker))
-        for slot in sorted(worker.slots):
-            self._send_peer(worker, self.peer_by_slot[slot])
+        for peer in self.peer_by_slot.values():
+            self._send_peer(worker, peer)
 
     def _send(self, worker: WorkerHandle, message, fds=()) -> None:
         if worker.control is None:
@@ -171,7 +186,9 @@ class WorkerPool:
             worker.control = None
 
     def worker_died(self, worker: WorkerHandle) -> None:
-        """Restart it; its peers' sessions are lost, so they re-handshake."""
+        """Restart it. Every session had its share in the dead worker (its
+        replay windows: a fresh one would accept replays), so every session
+        is dropped, and the peers that had one re-handshake."""
         if self.stopping:
             return
         code = worker.process.poll() if worker.process else None
@@ -183,9 +200,12 @@ class WorkerPool:
         self._close_control(worker)
         worker.restarts += 1
         worker.busy_before_restart = worker.busy_seconds
-        self._cancel_moves_from(worker)
-        for slot in worker.slots:
-            self._forget_sessions(self.peer_by_slot[slot])
+        self.had_sessions = [peer for peer in self.peer_by_slot.values()
+                             if self._forget_sessions(peer)]
+        for other in self.workers:
+            if other is not worker:
+                for peer in self.had_sessions:
+                    self._send(other, ZeroKeys(peer.queue))
         # A worker that keeps dying at once must not spin the control plane.
         quick = self.clock.monotonic() - worker.started < MIN_UPTIME
         worker.backoff = min(max(worker.backoff * 2, 0.25), MAX_BACKOFF) if quick else 0.0
@@ -195,129 +215,103 @@ class WorkerPool:
         else:
             self._restart(worker)
 
-    def _cancel_moves_from(self, worker: WorkerHandle) -> None:
-        """A worker that dies while handing a peer over never sends its
-        state: the move is called off and the peer stays with it, to
-        re-handshake after the restart like its other peers. What was held
-        for the move concerns sessions that died with the worker."""
-        for slot in [s for s in self.pending_moves if self.worker_of.get(s) is worker]:
-            del self.pending_moves[slot]
-            self.held_for_move.pop(slot, None)
-            worker.slots.add(slot)
-
     def _restart(self, worker: WorkerHandle) -> None:
         if self.stopping:
             return
         self._spawn(worker)
-        for slot in worker.slots:
-            peer = self.peer_by_slot[slot]
-            peer.last_sent_handshake = -1e18
-            send.send_handshake_initiation(self.device, peer, retry=False)
+        for peer in self.had_sessions:
+            if peer.queue in self.peer_by_slot:
+                peer.last_sent_handshake = -1e18
+                send.send_handshake_initiation(self.device, peer, retry=False)
+        self.had_sessions = []
 
-    def _forget_sessions(self, peer) -> None:
+    def _forget_sessions(self, peer) -> bool:
+        """Unmap the peer's sessions (not a handshake in flight); whether it had any."""
+        had = False
         for index, (owner, thing) in list(self.device.indices.items()):
             if owner is peer and thing is not peer.handshake:
+                had = True
                 self.device.forget_index(index)
                 if self.reuseport is not None:
                     self.reuseport.remove_index(index)
+        return had
 
-    # --- peers, slots and balance ---------------------------------------------------
+    # --- peers and slots ------------------------------------------------------------
 
-    def _free_slot(self) -> int:
-        for slot in range(1, MAX_SLOTS + 1):
-            if slot not in self.peer_by_slot:
-                return slot
-        raise DeviceError(f"at most {MAX_SLOTS} peers: a TUN device has at most 256 queues "
-                          "and queue 0 belongs to the control plane", errno.ENOSPC)
+    def _take_slot(self) -> int:
+        if self.free_slots:
+            return heapq.heappop(self.free_slots)
+        if self.next_slot > MAX_SLOTS:
+            raise DeviceError(f"at most {MAX_SLOTS} peers on one interface", errno.ENOSPC)
+        self.next_slot += 1
+        return self.next_slot - 1
 
-    def _least_loaded(self) -> WorkerHandle:
-        return min(self.workers, key=lambda w: (len(w.slots), w.position))
+    def _send_peer(self, worker: WorkerHandle, peer) -> None:
+        self._send(worker, PeerAdd(peer.queue, peer.public_key, peer.endpoint))
 
-    def _queue_fd(self, slot: int) -> int:
-        while len(self.tun.fds) <= slot:
-            self.tun.add_queue()
-        if self.classifier is not None:
-            self.classifier.set_queue_count(len(self.tun.fds))
-        return self.tun.fds[slot]
-
-    def _send_peer(self, worker: WorkerHandle, peer, keypairs=()) -> None:
-        self._send(worker, PeerAdd(peer.queue, peer.public_key, peer.endpoint, tuple(keypairs)),
-                   [self._queue_fd(peer.queue)])
+    def _to_all(self, message) -> None:
+        for worker in self.workers:
+            self._send(worker, message)
 
     def peer_added(self, peer) -> None:
-        slot = self._free_slot()
+        slot = self._take_slot()
         peer.queue = slot
         self.peer_by_slot[slot] = peer
-        worker = self._least_loaded()
-        worker.slots.add(slot)
-        self.worker_of[slot] = worker
         if self.policy is not None:
             self.policy.set_peer(slot, peer.source_policy)
-        if worker.control is not None:
+        for worker in self.workers:
             self._send_peer(worker, peer)
 
     def peer_removed(self, peer) -> None:
         slot = peer.queue
-        worker = self.worker_of.pop(slot, None)
-        self.peer_by_slot.pop(slot, None)
-        # Being moved: the old worker has already let it go (rebalance) and
-        # its state, when it comes, finds no peer and is dropped.
-        moving = self.pending_moves.pop(slot, None) is not None
-        self.held_for_move.pop(slot, None)
+        if self.peer_by_slot.pop(slot, None) is None:
+            return
         if self.classifier is not None:
             self.classifier.remove_peer(slot)
         if self.policy is not None:
             self.policy.remove_peer(slot)
         if self.nft is not None:
             self.nft.remove_peer(slot)
-        if worker is not None:
-            worker.slots.discard(slot)
-            if worker.control is not None and not moving:
-                self._send(worker, PeerRemove(slot, export=False))
+        for net in self.pushed.pop(slot, ()):
+            if self.pushed_owner.get(net) == slot:
+                del self.pushed_owner[net]
+        self._to_all(PeerRemove(slot))
         self._forget_sessions(peer)
-        self.rebalance()
-
-    def rebalance(self) -> None:
-        """Even out the load by moving one peer (with its sessions) if the
-        busiest worker has two more peers than the idlest."""
-        busiest = max(self.workers, key=lambda w: len(w.slots))
-        idlest = self._least_loaded()
-        if len(busiest.slots) - len(idlest.slots) < 2 or self.pending_moves:
-            return
-        slot = max(busiest.slots)
-        busiest.slots.discard(slot)
-        self.pending_moves[slot] = idlest
-        self._send(busiest, PeerRemove(slot, export=True))
-
-    def _on_peer_state(self, worker: WorkerHandle, message: PeerState) -> None:
-        slot = message.slot
-        target = self.pending_moves.pop(slot, None)
-        peer = self.peer_by_slot.get(slot)
-        if target is None or peer is None:
-            return
-        target.slots.add(slot)
-        self.worker_of[slot] = target
-        self._send_peer(target, peer, message.keypairs)
-        if self.reuseport is not None:
-            for moved in message.keypairs:
-                self.reuseport.set_index(moved.state["local_index"], target.position)
-        if message.staged:
-            self._send(target, SendStaged(slot, message.staged))
-        for held in self.held_for_move.pop(slot, ()):
-            self._send(target, held)
-        log.info("%s: moved peer slot %d from worker %d to worker %d", self.device.name,
-                 slot, worker.position, target.position)
+        for worker in self.workers:
+            worker.packets.pop(slot, None)
+        heapq.heappush(self.free_slots, slot)
 
     # --- slot-keyed kernel state: the classifier's allowed-ips tries, the
     # --- source policy per peer, the nftables sets ---------------------------------
 
-    def allowed_ips_changed(self) -> None:
-        for slot, peer in self.peer_by_slot.items():
+    def allowed_ips_changed(self, peer=None) -> None:
+        """Push `peer`'s allowed-ips (None: every peer's) to the classifier and
+        the nftables sets, and those of the peers it took a prefix from. One
+        peer at a time, so a `wg set` at 10^4 peers costs the peer's own
+        prefixes, not everyone's."""
+        if peer is None:
+            targets = list(self.peer_by_slot.values())
+        elif peer.queue not in self.peer_by_slot:
+            return
+        else:
             networks = self.device.allowed_ips_of(peer)
-            if self.classifier is not None:
-                self.classifier.set_peer(slot, networks)
-            if self.nft is not None:
-                self.nft.set_peer(slot, networks, _short(peer.public_key))
+            losers = {self.pushed_owner.get(net) for net in networks} - {None, peer.queue}
+            targets = [peer] + [self.peer_by_slot[s] for s in losers if s in self.peer_by_slot]
+        for target in targets:
+            self._push_allowed_ips(target)
+
+    def _push_allowed_ips(self, peer) -> None:
+        slot = peer.queue
+        networks = self.device.allowed_ips_of(peer)
+        for net in self.pushed.get(slot, ()):
+            if self.pushed_owner.get(net) == slot:
+                del self.pushed_owner[net]
+        self.pushed[slot] = set(networks)
+        self.pushed_owner.update((net, slot) for net in networks)
+        if self.classifier is not None:
+            self.classifier.set_peer(slot, networks)
+        if self.nft is not None:
+            self.nft.set_peer(slot, networks, _short(peer.public_key))
 
     def policy_changed(self) -> None:
         """SourcePolicy (interface default, peer overrides) changed: the
@@ -343,14 +337,17 @@ class WorkerPool:
 
     # --- the hooks the protocol code calls -------------------------------------------
 
+    def receive_position(self, index: int) -> int:
+        """The worker socket that receives the data of session `index`."""
+        return 1 + index % len(self.workers)
+
     def install_keypair(self, peer, keypair) -> None:
-        # A peer being moved gets its new session on the worker it moves to.
-        worker = self.pending_moves.get(peer.queue) or self.worker_of.get(peer.queue)
-        if worker is None:
+        if peer.queue not in self.peer_by_slot:
             return
         if self.reuseport is not None:
             try:
-                self.reuseport.set_index(keypair.local_index, worker.position)
+                self.reuseport.set_index(keypair.local_index,
+                                         self.receive_position(keypair.local_index))
             except OSError as exc:
                 # A full map (E2BIG): the session could receive nothing, so
                 # it is not installed; the peer's next handshake tries again.
@@ -359,28 +356,23 @@ class WorkerPool:
                 self.device.drop("index_refused", peer)
                 keypair.zero()
                 return
-        self._to_owner(peer, InstallKeypair(peer.queue, keypair.export()))
-        keypair.zero()      # the worker's copy is the only live one
+        self._to_all(InstallKeypair(peer.queue, keypair.export()))
+        keypair.zero()      # the workers' copies are the only live ones
 
     def send_keepalive(self, peer) -> None:
-        self._to_owner(peer, SendKeepalive(peer.queue))
+        # One worker is enough; which one does not matter, only that the
+        # choice is stable (its counters are as good as any other's).
+        worker = self.workers[peer.queue % len(self.workers)]
+        self._send(worker, SendKeepalive(peer.queue))
 
     def zero_keys(self, peer) -> None:
-        self._to_owner(peer, ZeroKeys(peer.queue))
+        self._to_all(ZeroKeys(peer.queue))
 
     def endpoint_changed(self, peer) -> None:
-        self._to_owner(peer, SetEndpoint(peer.queue, peer.endpoint))
+        self._to_all(SetEndpoint(peer.queue, peer.endpoint))
 
     def purge_staged(self, peer) -> None:
-        self._to_owner(peer, PurgeStaged(peer.queue))
-
-    def _to_owner(self, peer, message) -> None:
-        if peer.queue in self.pending_moves:
-            self.held_for_move.setdefault(peer.queue, []).append(message)
-            return
-        worker = self.worker_of.get(peer.queue)
-        if worker is not None and worker.control is not None:
-            self._send(worker, message)
+        self._to_all(PurgeStaged(peer.queue))
 
     # --- what workers tell us ---------------------------------------------------------
 
@@ -445,8 +437,11 @@ class WorkerPool:
 
     def _on_endpoint(self, worker, message: EndpointLearned) -> None:
         peer = self._peer(message.slot)
-        if peer is not None:
-            peer.endpoint = message.endpoint          # not set_endpoint: no echo back
+        if peer is not None and peer.endpoint != message.endpoint:
+            peer.endpoint = message.endpoint          # not set_endpoint: no echo to the sender
+            for other in self.workers:
+                if other is not worker:
+                    self._send(other, SetEndpoint(peer.queue, peer.endpoint))
 
     def _on_released(self, worker, message: ReleasedIndices) -> None:
         for index in message.indices:
@@ -487,7 +482,7 @@ class WorkerPool:
 
     def status(self) -> list[dict]:
         return [{"worker": w.position, "pid": w.process.pid if w.process else None,
-                 "peers": sorted(w.slots), "restarts": w.restarts,
+                 "peers": len(self.peer_by_slot), "restarts": w.restarts,
                  "busy_seconds": w.busy_seconds, "queue_depth": w.queue_depth,
                  **dict(w.traffic), "alive": w.control is not None,
                  "packets_by_slot": dict(w.packets)} for w in self.workers]

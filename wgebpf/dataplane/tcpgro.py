@@ -104,6 +104,26 @@ _ADDRS = struct.Struct("!Q")
 _V6_NOT_TCP = frozenset((17, 58, 59, 132, 136))
 
 
+class Link:
+    """The link-layer header every output buffer carries after its virtio
+    header: none for a TUN; for the wgebpf TAP the destination and source
+    MACs (`macs`, 12 bytes: tun.py, "Peer tags") and the EtherType. Offsets in
+    the virtio header (csum_start, hdr_len) count from the frame's start,
+    so they grow by its length."""
+
+    __slots__ = ("plain4", "plain6", "head4", "head6", "size")
+
+    def __init__(self, macs: bytes = b""):
+        self.head4 = macs + b"\x08\x00" if macs else b""
+        self.head6 = macs + b"\x86\xdd" if macs else b""
+        self.plain4 = PLAIN_HDR + self.head4
+        self.plain6 = PLAIN_HDR + self.head6
+        self.size = len(self.head4)
+
+
+NO_LINK = Link()
+
+
 def plain_header() -> bytes:
     """The all-zero virtio_net_hdr: a complete packet, checksums as they are."""
     return PLAIN_HDR
@@ -156,10 +176,10 @@ class _Run:
         self.aw = self.ack << 32 | self.word
         self.addrs, self.ports = (None, None) if v6 else (h[5], h[6])
 
-    def build(self) -> bytes:
+    def build(self, link: Link) -> bytes:
         pkts = self.packets
         if len(pkts) == 1:
-            return PLAIN_HDR + pkts[0]
+            return (link.plain6 if self.v6 else link.plain4) + pkts[0]
         h, hlen, length = self.h, self.hlen, self.length
         if self.v6:
             ip = _V6_IP.pack(h[0], length, h[2], h[3])
@@ -172,15 +192,17 @@ class _Run:
             iphl, gso_type = 20, VIRTIO_NET_HDR_GSO_TCPV4
         last_word = _WORD.unpack_from(pkts[-1], iphl + 12)[0]      # PSH from the last
         tcp = _TCP_HDR.pack(h[-6], h[-5], h[-4], last_word, _fold(pseudo), h[-1])
-        vnet = _VNET.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hlen, self.gso, iphl,
-                          TCP_CSUM_OFFSET)
-        parts = [vnet, ip, tcp, self.opts]
+        vnet = _VNET.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, link.size + hlen, self.gso,
+                          link.size + iphl, TCP_CSUM_OFFSET)
+        parts = [vnet, link.head6 if self.v6 else link.head4, ip, tcp, self.opts]
         parts += [p[hlen:] for p in pkts]
         return b"".join(parts)
 
 
-def coalesce(packets) -> list:
-    """The buffers to write to a vnet-hdr TUN for `packets` (see the module doc)."""
+def coalesce(packets, link: Link = NO_LINK) -> list:
+    """The buffers to write to a vnet-hdr TUN for `packets` (see the module
+    doc), each with `link`'s header after its virtio header."""
+    plain4, plain6 = link.plain4, link.plain6
     out: list = []                     # bytes (passed through) or _Run, in output order
     runs: dict = {}                    # flow key (address and port bytes) -> its open _Run
     last = None                        # the IPv4 run the previous packet went to, if open
@@ -191,7 +213,7 @@ def coalesce(packets) -> list:
             vt, tot, ident, ftp, ipsum, addrs, ports, seq, aw = _V4_HOT.unpack_from(pkt)
             if ftp & 0xBFFF00FF != 6 or vt >> 8 != 0x45:
                 last = None
-                _other4(out, runs, pkt, vt, ftp)
+                _other4(out, runs, pkt, vt, ftp, plain4)
                 continue
             r = last                   # most often, the same flow as the packet before
             if r is None or addrs != r.addrs or ports != r.ports:
@@ -215,7 +237,7 @@ def coalesce(packets) -> list:
                         del runs[(addrs, ports)]   # nothing may follow this segment
                         last = None
                     continue
-            last = _start(out, runs, (addrs, ports), pkt, n, _V4.unpack_from(pkt), False)
+            last = _start(out, runs, (addrs, ports), pkt, n, _V4.unpack_from(pkt), False, plain4)
         elif v == 6 and n >= 60:
             h = _V6.unpack_from(pkt)
             word0, plen6, nhh, _, _, seq, ack, word, _, _ = h
@@ -223,7 +245,7 @@ def coalesce(packets) -> list:
                 if nhh >> 8 not in _V6_NOT_TCP:
                     runs.clear()       # extension headers: whose flow, cannot tell
                     last = None
-                out.append(PLAIN_HDR + pkt)
+                out.append(plain6 + pkt)
                 continue
             key = pkt[8:44]
             if key.__class__ is not bytes:
@@ -241,13 +263,13 @@ def coalesce(packets) -> list:
                     if plen < r.gso or word & _PSH_WORD or len(pkts) >= MAX_SEGMENTS:
                         del runs[key]
                     continue
-            _start(out, runs, key, pkt, n, h, True)
+            _start(out, runs, key, pkt, n, h, True, plain6)
         else:
-            out.append(PLAIN_HDR + pkt)
-    return [r if r.__class__ is bytes else r.build() for r in out]
+            out.append(plain4 + pkt)       # not IP: the kernel drops it, as it would bare
+    return [r if r.__class__ is bytes else r.build(link) for r in out]
 
 
-def _other4(out, runs, pkt, vt, ftp) -> None:
+def _other4(out, runs, pkt, vt, ftp, plain) -> None:
     """An IPv4 packet that is not a plain TCP segment candidate."""
     if ftp & 0xFF == 6:
         if ftp & 0x3FFF0000:           # a TCP fragment: its flow is unknown
@@ -256,10 +278,10 @@ def _other4(out, runs, pkt, vt, ftp) -> None:
             off = (vt >> 8 & 0xF) * 4  # options: the ports are further on
             if len(pkt) >= off + 4:
                 runs.pop((_ADDRS.unpack_from(pkt, 12)[0], _WORD.unpack_from(pkt, off)[0]), None)
-    out.append(PLAIN_HDR + pkt)
+    out.append(plain + pkt)
 
 
-def _start(out, runs, key, pkt, n, h, v6):
+def _start(out, runs, key, pkt, n, h, v6, plain):
     """`pkt` cannot extend its flow's run: start a new run with it (returned,
     open), or pass it (None)."""
     runs.pop(key, None)
@@ -271,16 +293,16 @@ def _start(out, runs, key, pkt, n, h, v6):
     flags = word & 0xFF0000
     if (length + (40 if v6 else 0) != n or plen <= 0 or word >> 28 < 5
             or flags & ~_PSH_WORD != _ACK_ONLY):
-        out.append(PLAIN_HDR + pkt)
+        out.append(plain + pkt)
         return
     base = 0
     if not v6:
         base = h[0] + (h[3] >> 16) + (h[3] & 0xFFFF) + _addr4_sum(h[5])
         if (base + h[1] + h[2] + h[4]) % 0xFFFF:               # bad header checksum
-            out.append(PLAIN_HDR + pkt)
+            out.append(plain + pkt)
             return
     if flags & _PSH_WORD:              # nothing may follow it: a single packet
-        out.append(PLAIN_HDR + pkt)
+        out.append(plain + pkt)
         return
     opts = bytes(pkt[iphl + 20:hlen])
     r = _Run(pkt, h, v6, hlen, plen, length, opts, base)

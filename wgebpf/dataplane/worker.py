@@ -1,20 +1,25 @@
-"""A crypto worker process: the data plane of the peers it owns.
+"""A crypto worker process: a share of the data plane of every peer.
 
 The control plane (dataplane/pool.py) starts `python -m wgebpf.dataplane.worker FD` and
-hands it, over the channel on FD, its UDP sockets (its position in each
-SO_REUSEPORT group) and one TUN queue per owned peer. From then on, for
-those peers only, this process:
+hands it, over the channel on FD, its own TAP queue and its UDP sockets (its
+position in each SO_REUSEPORT group). Queues are workers, not peers: every
+worker serves every peer, and each packet says which peer it belongs to.
 
-  send:    reads the peer's TUN queue (the tc classifier already chose the
-           peer: nothing here looks up a route or a peer), encrypts with
-           the current keypair and sends from its own UDP socket;
-  receive: gets the data messages whose receiver index the reuseport
-           program maps to this worker, checks replay, decrypts, checks the
-           inner source (SourcePolicy) and writes to the peer's TUN queue.
+  send:    reads its TAP queue; the tc classifier already chose the peer
+           and wrote it into the frame's Ethernet header (tun.py, "Peer
+           tags"), so nothing here looks up a route or a peer. The kernel's
+           flow hash chose the worker, so a flow stays on one worker (in
+           order) while one peer's flows spread over all of them. It
+           encrypts with the peer's current keypair, taking counters from
+           its own share of the keypair's counter space (noise.Keypair,
+           wireguard/counters.py), and sends from its own UDP socket;
+  receive: gets the data messages the reuseport program steers to it,
+           checks replay (its own window per keypair: every duplicate of a
+           counter is steered to the same worker), decrypts and writes to
+           its TAP queue with the peer's tag for the source policy.
 
-It owns the peers' keypairs, counters and replay windows; nothing else
-touches them. It never handshakes: when a peer needs keys it asks the
-control plane, which runs the handshake and sends back the keypair. Timer
+It never handshakes: when a peer needs keys it asks the control plane,
+which runs the handshake and sends the keypair to every worker. Timer
 events (data sent, data received, ...) are batched to the control plane,
 which owns the timers; what the timers decide (a keepalive, zeroing keys)
 comes back as a message.
@@ -29,13 +34,15 @@ import sys
 import time
 
 from . import channel
-from .commands import (EndpointLearned, HandshakeConfirmed, Init, InstallKeypair, MovedKeypair,
-                       NeedHandshake, PeerAdd, PeerRemove, PeerState, PeerTraffic, PurgeStaged,
-                       ReleasedIndices, ReplaceSockets, SendKeepalive, SendStaged, SetEndpoint,
-                       SocketsDone, Stats, StatsRequest, Stop, TimerEvents, ZeroKeys)
+from .commands import (EndpointLearned, HandshakeConfirmed, Init, InstallKeypair, NeedHandshake,
+                       PeerAdd, PeerRemove, PeerTraffic, PurgeStaged, ReleasedIndices,
+                       ReplaceSockets, SendKeepalive, SetEndpoint, SocketsDone, Stats,
+                       StatsRequest, Stop, TimerEvents, ZeroKeys)
 from ..wireguard import send
 from . import tcpgro
 from .batch import ReceiveBatch, SendBatch, TunGone
+from .tun import tag
+from ..wireguard import counters
 from .udp import SegmentSender, enable_gro
 from ..wireguard.device import Device, LocalDataplane
 from ..wireguard.noise import Keypair
@@ -159,35 +166,40 @@ class WorkerConn:
 
 
 class WorkerTun:
-    """The TUN queues of the owned peers, by slot (= queue number). With
-    vnet_hdr every read and write carries a virtio-net header (tun.py)."""
+    """The worker's TAP queue. Every frame written carries the tag of the
+    peer the packet came from (tun.py, "Peer tags"); with vnet_hdr every
+    read and write starts with a virtio-net header."""
 
-    def __init__(self, vnet_hdr: bool = False):
-        self.fds: dict[int, int] = {}
+    def __init__(self, fd: int, mac: bytes, vnet_hdr: bool = True):
+        self.fd = fd
+        self.mac = mac
         self.vnet_hdr = vnet_hdr
+        self.links: dict[int, tcpgro.Link] = {}
         self.write_errors = 0
 
-    def write(self, packet: bytes, queue: int) -> None:
-        fd = self.fds.get(queue)
-        if fd is None:
-            return
+    def link(self, slot: int) -> tcpgro.Link:
+        link = self.links.get(slot)
+        if link is None:
+            link = self.links[slot] = tcpgro.Link(self.mac + tag(slot))
+        return link
+
+    def forget(self, slot: int) -> None:
+        self.links.pop(slot, None)
+
+    def write(self, packet: bytes, slot: int) -> None:
+        link = self.link(slot)
+        header = link.plain6 if packet and packet[0] >> 4 == 6 else link.plain4
         try:
-            if self.vnet_hdr:
-                os.writev(fd, (tcpgro.PLAIN_HDR, packet))
-            else:
-                os.write(fd, packet)
+            os.writev(self.fd, (header, packet))
         except OSError:
             self.write_errors += 1
 
-    def write_many(self, packets: list, queue: int) -> None:
+    def write_many(self, packets: list, slot: int) -> None:
         """A peer's decrypted packets, in order; TCP segments of one flow
-        coalesced into super-packets when the TUN takes virtio-net headers."""
-        fd = self.fds.get(queue)
-        if fd is None:
-            return
-        for buffer in (tcpgro.coalesce(packets) if self.vnet_hdr else packets):
+        coalesced into super-packets."""
+        for buffer in tcpgro.coalesce(packets, self.link(slot)):
             try:
-                os.write(fd, buffer)
+                os.write(self.fd, buffer)
             except OSError:
                 self.write_errors += 1
 
@@ -197,15 +209,23 @@ class WorkerTun:
 
 
 class Worker:
-    def __init__(self, control: socket.socket, init: Init, socket_fds):
+    def __init__(self, control: socket.socket, init: Init, fds):
         self.control = control
         self.id = init.worker_id
-        self.tun = WorkerTun(init.vnet_hdr)
+        tun_fd, socket_fds = fds[0], fds[1:]
+        self.hints = None
+        if init.counter_hints:
+            self.hints = counters.CounterHints.from_fd(socket_fds.pop())
+            os.close(fds[-1])
+        self.workers = init.workers
+        self.block = counters.block_size(init.workers)
+        os.set_blocking(tun_fd, False)
+        self.tun = WorkerTun(tun_fd, init.mac)
         self.conn = WorkerConn(socket_fds)
         self.device = Device(init.name, None, tun=self.tun, conn=self.conn,
                              mtu=init.mtu, timing=Timing.from_environment())
-        self.sending = SendBatch(init.mtu, self.conn, init.vnet_hdr)
-        self.receiving = ReceiveBatch(init.mtu, self.tun, init.vnet_hdr)
+        self.sending = SendBatch(init.mtu, self.conn)
+        self.receiving = ReceiveBatch(init.mtu, self.tun)
         self.device.attach_actions(WorkerActions(self))
         self.device.attach_dataplane(WorkerDataplane(self))
         self.by_slot: dict[int, object] = {}
@@ -218,6 +238,7 @@ class Worker:
         self.counters = {"rx_packets": 0, "tx_packets": 0, "rx_bytes": 0, "tx_bytes": 0}
         self.selector = selectors.DefaultSelector()
         self.selector.register(control, selectors.EVENT_READ, ("control", None))
+        self.selector.register(tun_fd, selectors.EVENT_READ, ("tun", None))
         self._register_sockets()
         self.running = True
         self.handlers = {
@@ -228,7 +249,6 @@ class Worker:
             ZeroKeys: self.on_zero,
             PurgeStaged: self.on_purge,
             SetEndpoint: self.on_endpoint,
-            SendStaged: self.on_staged,
             ReplaceSockets: self.on_sockets,
             StatsRequest: self.on_stats_request,
             Stop: self.on_stop,
@@ -250,44 +270,26 @@ class Worker:
         peer.queue = slot
         peer.endpoint = message.endpoint
         self.by_slot[slot] = peer
-        os.set_blocking(fds[0], False)
-        self.tun.fds[slot] = fds[0]
-        self.selector.register(fds[0], selectors.EVENT_READ, ("tun", slot))
-        for moved in message.keypairs:
-            self._restore(peer, moved)
-
-    def _restore(self, peer, moved: MovedKeypair) -> None:
-        keypair = Keypair.restore(moved.state, peer)
-        setattr(peer.keypairs, moved.role, keypair)
-        self.device.indices[keypair.local_index] = (peer, keypair)
 
     def on_peer_remove(self, message: PeerRemove, fds) -> None:
-        slot, export = message.slot, message.export
-        peer = self.by_slot.pop(slot, None)
+        peer = self.by_slot.pop(message.slot, None)
         if peer is None:
-            log.warning("peer_remove for slot %d, which this worker does not have", slot)
+            log.warning("peer_remove for slot %d, which this worker does not have", message.slot)
             return
-        moved = tuple(MovedKeypair(kp.export(), role) for role in ("previous", "current", "next")
-                      if (kp := getattr(peer.keypairs, role)) is not None) if export else ()
-        fd = self.tun.fds.pop(slot)
-        if fd in self.selector.get_map():         # not if its device vanished (TunGone)
-            self.selector.unregister(fd)
-        os.close(fd)
-        if export:
-            # The keypairs move with the peer: their indices stay live.
-            for kp in (peer.keypairs.previous, peer.keypairs.current, peer.keypairs.next):
-                if kp is not None:
-                    self.device.indices.pop(kp.local_index, None)
-            peer.keypairs.previous = peer.keypairs.current = peer.keypairs.next = None
+        self.tun.forget(message.slot)
         self.device.remove_peer(peer.public_key)
-        if export:
-            self.outbox.append(PeerState(slot, moved, tuple(peer.staged)))
 
     def on_keypair(self, message: InstallKeypair, fds) -> None:
         peer = self.by_slot.get(message.slot)
         if peer is None:
             return
         keypair = Keypair.restore(message.state, peer)
+        if self.hints is not None:
+            # Its row in the hints: any will do, uniqueness does not depend
+            # on it (counters.py); a row another keypair used only makes
+            # this one's counters start further up.
+            row = keypair.local_index % self.hints.rows
+            keypair.share_counters(counters.SendCounter(self.hints, row, self.id - 1, self.block))
         self.device.install_keypair(peer, keypair)
 
     def on_keepalive(self, message: SendKeepalive, fds) -> None:
@@ -309,11 +311,6 @@ class Worker:
         peer = self.by_slot.get(message.slot)
         if peer is not None:
             peer.endpoint = message.endpoint
-
-    def on_staged(self, message: SendStaged, fds) -> None:
-        peer = self.by_slot.get(message.slot)
-        for packet in message.packets:
-            send.packet_for_peer(self.device, peer, packet)
 
     def on_sockets(self, message: ReplaceSockets, fds) -> None:
         for sock in self.conn.sockets:
@@ -361,12 +358,14 @@ class Worker:
         self.outbox = []
 
     def stats(self) -> Stats:
-        """Per-peer counters since the last report (the control plane adds them up)."""
+        """Per-peer counters since the last report (the control plane adds them
+        up); only peers that had traffic, so a report stays small at 10^4 peers."""
         peers = {}
         for slot, peer in self.by_slot.items():
-            peers[slot] = PeerTraffic(peer.tx_bytes, peer.rx_bytes, peer.stats.tx_packets,
-                                      peer.stats.rx_packets)
-            peer.tx_bytes = peer.rx_bytes = peer.stats.tx_packets = peer.stats.rx_packets = 0
+            if peer.tx_bytes or peer.rx_bytes or peer.stats.tx_packets or peer.stats.rx_packets:
+                peers[slot] = PeerTraffic(peer.tx_bytes, peer.rx_bytes, peer.stats.tx_packets,
+                                          peer.stats.rx_packets)
+                peer.tx_bytes = peer.rx_bytes = peer.stats.tx_packets = peer.stats.rx_packets = 0
         drops = dict(self.device.drops)
         self.device.drops.clear()
         busy = time.process_time()
@@ -401,7 +400,7 @@ class Worker:
             for key, _ in events:
                 kind, arg = key.data
                 if kind == "tun":
-                    self._drain_tun(arg)
+                    self._drain_tun()
                 elif kind == "udp":
                     self.receiving.drain(self.device, arg)
                 else:
@@ -417,17 +416,14 @@ class Worker:
             return STATS_INTERVAL
         return min(STATS_INTERVAL, max(0.0, self.events_due - time.monotonic()))
 
-    def _drain_tun(self, slot: int) -> None:
-        peer = self.by_slot.get(slot)
-        if peer is None:
-            return
+    def _drain_tun(self) -> None:
         try:
-            self.sending.drain(self.device, peer, self.tun.fds[slot])
+            self.sending.drain(self.device, self.by_slot, self.tun.fd)
         except TunGone:
             # The interface was deleted (`ip link delete`, wg-quick down):
             # the control plane stops us next; until then, stop polling.
-            self.selector.unregister(self.tun.fds[slot])
-            log.info("%s: TUN queue %d is gone (interface deleted)", self.device.name, slot)
+            self.selector.unregister(self.tun.fd)
+            log.info("%s: TAP queue %d is gone (interface deleted)", self.device.name, self.id)
 
     def _drain_control(self) -> None:
         while True:

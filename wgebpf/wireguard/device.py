@@ -104,7 +104,7 @@ class LocalDataplane:
     def peer_removed(self, peer) -> None:
         pass
 
-    def allowed_ips_changed(self) -> None:
+    def allowed_ips_changed(self, peer=None) -> None:
         pass
 
 
@@ -269,7 +269,6 @@ class Device:
         self.dataplane.peer_removed(peer)      # first: a worker pool unmaps its sessions
         self.forget_indices_of(peer)
         peer.handshake.wipe()
-        self.dataplane.allowed_ips_changed()
 
     def remove_all_peers(self) -> None:
         for key in list(self.peers):
@@ -284,11 +283,11 @@ class Device:
 
     def add_allowed_ip(self, peer, network) -> None:
         self.allowed_ips.insert(ipaddress.ip_network(network, strict=False), peer)
-        self.dataplane.allowed_ips_changed()
+        self.dataplane.allowed_ips_changed(peer)
 
     def clear_allowed_ips(self, peer) -> None:
         self.allowed_ips.remove_by_peer(peer)
-        self.dataplane.allowed_ips_changed()
+        self.dataplane.allowed_ips_changed(peer)
 
     # --- session indices (receiver index -> handshake or keypair) -----------------
 

@@ -214,16 +214,28 @@ def consume_response(identity: StaticIdentity, hs: Handshake, message: bytes) ->
     hs.state = HandshakeState.CONSUMED_RESPONSE
 
 
+class KeypairExhausted(Exception):
+    """No send counter is left below REJECT_AFTER_MESSAGES for this worker."""
+
+
+# Counters a worker takes from its share at once, for one batch of packets.
+TAKE_CHUNK = 64
+
+
 class Keypair:
     """One session: keys, counters and the replay window (kernel: noise_keypair).
 
-    A keypair belongs to exactly one data-plane owner; nothing else touches
-    its counter or replay window.
+    In one process (LocalDataplane) the keypair owns its counter. In a worker
+    pool every worker holds a copy: each takes counters from its own share
+    of the counter space (share_counters, counters.SendCounter), so no
+    counter is used twice, and keeps its own replay window for the counters
+    the receive steering sends it (every duplicate of a counter goes to
+    the same worker).
     """
 
     __slots__ = ("sending", "receiving", "sending_key", "receiving_key", "send_counter",
                  "replay", "birthdate", "i_am_the_initiator", "local_index", "remote_index",
-                 "peer", "valid")
+                 "peer", "valid", "share", "_next", "_end")
 
     def __init__(self, sending_key: bytes, receiving_key: bytes, initiator: bool,
                  local_index: int, remote_index: int, birthdate: float, peer=None):
@@ -239,6 +251,36 @@ class Keypair:
         self.remote_index = remote_index
         self.peer = peer
         self.valid = True
+        self.share = None              # a counters.SendCounter, in a worker pool
+        self._next = self._end = 0     # counters taken from the share, not yet used
+
+    def share_counters(self, share) -> None:
+        """Take send counters from `share` (a counters.SendCounter) from now on."""
+        self.share = share
+
+    def take_counter(self) -> int:
+        """The next send counter; send_counter follows it (the rekey checks
+        read that). Raises KeypairExhausted when none is left."""
+        if self.share is None:
+            counter = self.send_counter
+            if counter >= REJECT_AFTER_MESSAGES:
+                raise KeypairExhausted
+        else:
+            counter = self._next
+            if counter >= self._end:
+                counter, count = self.share.take(TAKE_CHUNK)
+                if not count:
+                    raise KeypairExhausted
+                self._end = counter + count
+            self._next = counter + 1
+        self.send_counter = counter + 1
+        return counter
+
+    def end_batch(self) -> None:
+        """Give up the counters taken and not used: a worker that idles must
+        not come back with counters the others have left far behind (the
+        receivers' replay windows would refuse them)."""
+        self._next = self._end = 0
 
     def export(self) -> dict:
         """Everything a keypair is, for handing it to another process (the

@@ -57,8 +57,9 @@ class Dataplane(Protocol):
     def peer_removed(self, peer: "Peer", /) -> None:
         """A peer is going: called before its indices are forgotten."""
 
-    def allowed_ips_changed(self) -> None:
-        """Some peer's AllowedIPs changed (routing and source checks follow)."""
+    def allowed_ips_changed(self, peer=None) -> None:
+        """`peer`'s AllowedIPs changed (None: any peer's); routing and source
+        checks follow. A prefix it took from another peer changed that one's too."""
 
     def policy_changed(self) -> None:
         """SourcePolicy changed, for the interface or a peer (control/settings.py)."""

@@ -147,8 +147,8 @@ def pad(packet: bytes, mtu: int) -> bytes:
 
 
 def encrypt_and_send(device, peer, keypair, packet: bytes) -> None:
-    counter = keypair.send_counter
-    keypair.send_counter = counter + 1
+    counter = keypair.take_counter()
+    keypair.end_batch()
     sealed = keypair.sending.encrypt(aead_nonce(counter), pad(packet, device.mtu), None)
     message = DATA_HEADER.pack(MESSAGE_DATA, keypair.remote_index, counter) + sealed
     device.conn.send(message, peer.endpoint)
@@ -176,9 +176,9 @@ def sendable_keypair(peer, now: float):
 def seal_into(keypair, plaintext, out) -> int:
     """Write the data message for `plaintext` (already padded) at the start
     of the writable buffer `out`, taking the keypair's next counter; return
-    its length. The caller checks send_counter < REJECT_AFTER_MESSAGES."""
-    counter = keypair.send_counter
-    keypair.send_counter = counter + 1
+    its length. Raises noise.KeypairExhausted when the keypair has no
+    counter left; the caller ends the batch with keypair.end_batch()."""
+    counter = keypair.take_counter()
     DATA_HEADER.pack_into(out, 0, MESSAGE_DATA, keypair.remote_index, counter)
     end = DATA_HEADER.size + len(plaintext) + AEAD_TAG_LEN
     keypair.sending.encrypt_into(AEAD_NONCE.pack(counter), plaintext, None,
