@@ -11,15 +11,32 @@
 #ifndef WGEBPF_COMMON_H
 #define WGEBPF_COMMON_H
 
-/* ---- Peers, slots and queues -------------------------------------------
- * A peer has a small integer slot; its packets leave through TUN queue
- * `slot`. Queue 0 belongs to the control plane: whatever no peer takes goes
- * there, and the control plane answers it with ICMP unreachable. The kernel
- * allows 256 queues per TUN (MAX_TAP_QUEUES), so slots are 1..255. */
+/* ---- Peers, slots, queues and tags ----------------------------------------
+ * The device is a multi-queue TAP made an L3 link (NOARP): every packet at
+ * both tc hooks starts with a 14-byte Ethernet header. Queue 0 belongs to the
+ * control plane: whatever no peer takes goes there, and the control plane
+ * answers it with ICMP unreachable. Queues 1..W belong to the W workers; a
+ * peer owns no queue, so any worker may carry any peer's packets, and the
+ * kernel's limit of 256 queues per TAP (MAX_TAP_QUEUES) bounds workers, not
+ * peers.
+ * A peer is a slot, its id in the maps below: 1..WG_SLOT_MAX, 0 = no peer.
+ * The slot rides in the Ethernet header as a tag, a locally administered
+ * unicast MAC {WG_TAG_0, WG_TAG_1, slot big-endian in 4 bytes}:
+ *   egress   nexthop.c writes it as the destination MAC of a packet a peer
+ *            takes; the worker reading the queue learns the peer from it.
+ *   ingress  a worker writes it as the source MAC of a peer's decrypted
+ *            packet (the destination is the device's own MAC); policy.c
+ *            reads it. The control plane writes slot 0. */
 #define WG_QUEUE_CONTROL	0
 #define WG_SLOT_MIN		1
-#define WG_SLOT_MAX		255
-#define WG_QUEUES_MAX		256
+#define WG_SLOT_MAX		65535
+#define WG_SLOTS		65536	/* entries of a slot-indexed map: 0..WG_SLOT_MAX */
+#define WG_QUEUES_MAX		256	/* the kernel's MAX_TAP_QUEUES: 1 + workers */
+#define WG_TAG_0		0x02	/* first byte of a tag: locally administered, unicast */
+#define WG_TAG_1		0x77	/* second byte: ours */
+#define WG_TAG_LEN		6	/* a MAC: WG_TAG_0, WG_TAG_1, slot (BE32) */
+#define WG_ETH_DST		0	/* offset of the destination MAC in a frame */
+#define WG_ETH_SRC		6	/* offset of the source MAC */
 
 /* ---- Map names ------------------------------------------------------------
  * The C programs declare and use the maps under these identifiers (bcc
@@ -32,8 +49,8 @@
 #define WG_MAP_COUNTERS		"wg_counters"	/* percpu_array[WG_CNT_MAX] of __u64 */
 #define WG_MAP_NEXTHOPS		"wg_nexthops"	/* lru_percpu_hash wg_nexthop_key -> wg_nexthop_stats */
 #define WG_MAP_RXINDEX		"wg_rxindex"	/* hash __u32 receiver index -> __u32 socket position */
-#define WG_MAP_POLICIES		"wg_policies"	/* array[WG_QUEUES_MAX] slot -> __u32 WG_POLICY_* */
-#define WG_MAP_POLICY_CNT	"wg_policy_cnt"	/* percpu_array[WG_QUEUES_MAX] slot -> wg_policy_counts */
+#define WG_MAP_POLICIES		"wg_policies"	/* array[WG_SLOTS] slot -> __u32 WG_POLICY_* */
+#define WG_MAP_POLICY_CNT	"wg_policy_cnt"	/* percpu_hash[WG_SLOTS] slot -> wg_policy_counts */
 #define WG_MAP_ROUTE_SEEN	"wg_route_seen"	/* percpu_array[1] of wg_route_seen (route read builds) */
 
 /* Sizes. The tries are not preallocated (BPF_F_NO_PREALLOC is mandatory for
@@ -50,10 +67,9 @@
  *            kernel (WG_FIB_LOOKUP_MARK only from 6.10 on: older kernels
  *            refuse unknown flags with -EINVAL). The classifier adds or
  *            removes WG_FIB_LOOKUP_OUTPUT itself (see nexthop.c).
- * queues:    number of TUN queues. A slot >= queues would wrap around
- *            (the TUN takes the steering result modulo the queue count) and
- *            land on another peer's queue, so the classifier sends it to
- *            queue 0 instead and counts WG_CNT_NO_QUEUE.
+ * queues:    number of TAP queues, 1 + W workers. A packet a peer takes
+ *            goes to worker queue 1 + (flow hash % W); with no worker queue
+ *            (queues <= 1) it goes to queue 0, counted WG_CNT_NO_QUEUE.
  * policy:    the source policy (WG_POLICY_*) of every peer whose entry in
  *            wg_policies is WG_POLICY_DEFAULT; 0 reads as allowedips.
  * mark_mask, mark_shift:
@@ -112,12 +128,15 @@ struct wg_route_seen {
 /* ---- Counters: wg_counters[index], one per-CPU __u64 each ----------------
  * Verdict reasons: every packet the classifier sees is counted under exactly
  * one of these. */
-#define WG_CNT_PEER		0	/* a peer owns the key: its queue */
+#define WG_CNT_PEER		0	/* a peer owns the key: tagged, a worker's queue */
 #define WG_CNT_NO_PEER		1	/* queue 0: no peer owns the key */
 #define WG_CNT_NOT_IP		2	/* queue 0: neither IPv4 nor IPv6 */
 #define WG_CNT_TRUNCATED	3	/* queue 0: IP header cut short or bad */
 #define WG_CNT_FIB_ERROR	4	/* queue 0: bpf_fib_lookup returned -errno */
-#define WG_CNT_NO_QUEUE		5	/* queue 0: the peer's slot >= config.queues */
+#define WG_CNT_NO_QUEUE		5	/* queue 0: a peer owns the key but there is no
+					 * worker queue (config.queues <= 1) */
+#define WG_CNT_TAG_FAILED	6	/* queue 0: a peer owns the key but writing its tag
+					 * failed (bpf_skb_store_bytes: no memory) */
 /* queue 0: bpf_fib_lookup returned WG_FIB_RET_x (x = 1..15), counted at
  * WG_CNT_FIB_RET_BASE + x. Only the codes nexthop.c treats as "no next hop"
  * are counted here; see its comment for each code. */
@@ -205,10 +224,13 @@ struct wg_fib_lookup {
 #define WG_FIB_RET_NO_SRC_ADDR		9
 
 /* ---- Source policy (policy.c, tc ingress) --------------------------------
- * A packet a worker writes to TUN queue k reaches tc ingress with
- * skb->queue_mapping = k + 1 (0: no queue recorded), so the sending peer's
- * slot is queue_mapping - 1. wg_policies[slot] picks the peer's policy;
- * WG_POLICY_DEFAULT there means wg_config.policy. */
+ * A worker writes each decrypted packet behind an Ethernet header whose
+ * source MAC is the sending peer's tag, so the sending peer's slot is read
+ * from the frame (a source that is not a tag, or slot 0: no peer).
+ * wg_policies[slot] picks the peer's policy; WG_POLICY_DEFAULT there means
+ * wg_config.policy. wg_policy_cnt holds a row only for slots the loader
+ * created (each configured peer, and row 0): a hash without preallocation,
+ * so its memory follows the peers configured, not WG_SLOTS x CPUs. */
 #define WG_POLICY_DEFAULT	0	/* per-slot only: follow wg_config.policy */
 #define WG_POLICY_ALLOWEDIPS	1	/* source's longest match in wg_peers4/6 is this slot */
 #define WG_POLICY_FIB		2	/* the route back to the source goes via this slot */
@@ -216,14 +238,16 @@ struct wg_fib_lookup {
 #define WG_POLICY_OFF		4	/* no check */
 #define WG_POLICY_MAX		4
 
-/* Verdicts, one counter each per slot (row 0: packets from the control
- * plane's queue, or with no queue recorded, which pass untouched). */
+/* Verdicts, one counter each per slot (row 0: packets with no peer tag,
+ * e.g. the control plane's own, which pass untouched). */
 #define WG_POL_ACCEPTED		0	/* passed the check (or policy off) */
 #define WG_POL_DROP_ALLOWEDIPS	1	/* allowedips: source not this peer's: TC_ACT_SHOT */
 #define WG_POL_DROP_FIB		2	/* fib: route back goes via another peer or none: SHOT */
 #define WG_POL_FIB_FAILED	3	/* fib: no route back (lookup gave no next hop): SHOT */
 #define WG_POL_MARKED		4	/* nftables: marked and passed */
 #define WG_POL_NOT_IP		5	/* allowedips/fib: no whole IPv4/IPv6 header to check: SHOT */
+#define WG_POL_DROP_MARK	6	/* nftables: the slot does not fit under mark_mask, so
+					 * nftables could not tell the peer: SHOT */
 #define WG_POL_CNT_MAX		8
 
 struct wg_policy_counts {

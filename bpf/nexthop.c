@@ -1,11 +1,14 @@
-/* nexthop.c: pick the peer for every packet leaving the wgebpf TUN device.
+/* nexthop.c: pick the peer for every packet leaving the wgebpf device.
  *
- * SCHED_CLS, direct action, on the TUN device's clsact egress hook. The
- * kernel has already routed the packet into the device and attached that
- * route to it; built with -DWG_ROUTE_DST (and the WG_OFF_* offsets from the
- * kernel's BTF, wgebpf/kernel/btf.py) this program reads the route's next
- * hop: its gateway, or the destination itself when it has none. So every
- * rule selector and ECMP hash comes out exactly as the kernel decided.
+ * SCHED_CLS, direct action, on the device's clsact egress hook. The device
+ * is a multi-queue TAP made an L3 link (NOARP, common.h), so skb->data is an
+ * Ethernet header whose destination is the device's own MAC, and the IP
+ * header follows at ETH_HLEN. The kernel has already routed the packet into
+ * the device and attached that route to it; built with -DWG_ROUTE_DST (and
+ * the WG_OFF_* offsets from the kernel's BTF, wgebpf/kernel/btf.py) this
+ * program reads the route's next hop: its gateway, or the destination
+ * itself when it has none. So every rule selector and ECMP hash comes out
+ * exactly as the kernel decided.
  * Where the packet has no usable route (see route_nexthop) and in builds
  * without WG_ROUTE_DST, it asks the FIB again instead (fib_nexthop), with
  * what it can pass (addresses, L4 ports, protocol, tos/flow label, the
@@ -14,15 +17,24 @@
  * (wg_peers4 / wg_peers6). In allowedips mode (WG_CFG_ALLOWEDIPS) the
  * destination is the key and neither is done: classic WireGuard.
  *
- * The verdict is a TUN queue number, left in skb->queue_mapping for
- * tun_steer.c, which runs right after this program in the same
- * __dev_queue_xmit() call (tc egress first, then the device's queue
- * selection). skb->cb cannot carry it: tun runs the steering program with
- * bpf_prog_run_clear_cb(), which zeroes cb. skb->mark must not: the user
- * routes by it.
- *   queue_mapping = slot  a peer owns the key (slot 1..255)
- *   queue_mapping = 0     no peer: the control plane gets the packet and
- *                         answers with ICMP unreachable
+ * The verdict has two parts:
+ *   the peer   its tag (common.h) replaces the destination MAC: the worker
+ *              that reads the frame learns the peer from it. The tag
+ *              survives GSO: a super-packet passes tc egress once, and the
+ *              kernel segments it later (validate_xmit_skb, the TAP offers
+ *              no TSO/USO), copying the whole header block from the MAC
+ *              header on, tag included, onto every segment.
+ *   the queue  a worker's TAP queue, 1 + (flow hash % W) for W workers
+ *              (wg_config.queues - 1), so a flow keeps its worker and its
+ *              order; 0 (the control plane's) when no peer takes it.
+ *              It is left in skb->queue_mapping for tun_steer.c, which runs
+ *              right after this program in the same __dev_queue_xmit() call
+ *              (tc egress first, then the device's queue selection). skb->cb
+ *              cannot carry it: tun runs the steering program with
+ *              bpf_prog_run_clear_cb(), which zeroes cb. skb->mark must not:
+ *              the user routes by it. The steering program could parse the
+ *              tag again, but the queue is not the peer, and the flow hash
+ *              is at hand here (bpf_get_hash_recalc, a tc helper).
  * Every packet is counted under one reason in wg_counters (common.h), and
  * in nexthop mode under where its next hop came from (WG_CNT_ROUTE_DST or a
  * WG_CNT_FB_* fallback reason).
@@ -85,21 +97,22 @@ static __always_inline int has_ports(u8 proto)
 	       proto == IPPROTO_UDPLITE || proto == IPPROTO_SCTP;
 }
 
-/* Make `len` bytes from the network header readable; the TUN device has no
- * link-layer header, so skb->data is the IP header. Returns data or NULL. */
+/* Make `len` bytes from the IP header on readable. skb->data is the
+ * Ethernet header at both tc hooks of the TAP, so the IP header starts at
+ * ETH_HLEN. Returns a pointer to the IP header, or NULL. */
 static __always_inline void *header(struct __sk_buff *skb, u32 len)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 
-	if (data + len <= end)
-		return data;
+	if (data + ETH_HLEN + len <= end)
+		return data + ETH_HLEN;
 	/* Rare: headers not in the linear part. Pulling moves the data. */
-	if (skb->len < len || bpf_skb_pull_data(skb, len) < 0)
+	if (skb->len < ETH_HLEN + len || bpf_skb_pull_data(skb, ETH_HLEN + len) < 0)
 		return NULL;
 	data = (void *)(long)skb->data;
 	end = (void *)(long)skb->data_end;
-	return data + len <= end ? data : NULL;
+	return data + ETH_HLEN + len <= end ? data + ETH_HLEN : NULL;
 }
 
 /* Fill the lookup from an IPv4 header. Returns 0 or a counter index. */
@@ -178,7 +191,7 @@ static __always_inline void key_from_fib(struct wg_nexthop_key *key, struct wg_f
  *                 destination for an on-link route: that is the key.
  *   NO_NEIGH      only without SKIP_NEIGH (kernels before it existed): the
  *                 next hop is filled in before the neighbour lookup that
- *                 failed, and a TUN has no neighbours anyway: use it.
+ *                 failed, and the device is NOARP anyway: use it.
  *   FRAG_NEEDED   with tot_len 0 the kernel checks the skb against the
  *                 result device's MTU after filling in the next hop; the
  *                 packet is already on its way through this device (GSO
@@ -469,6 +482,34 @@ static __always_inline u32 peer_of(struct wg_nexthop_key *key)
 	return slot ? *slot : 0;
 }
 
+/* The peer's tag as the destination MAC. Returns 0 or a counter index. */
+static __always_inline int write_tag(struct __sk_buff *skb, u32 slot)
+{
+	u8 tag[WG_TAG_LEN] = { WG_TAG_0, WG_TAG_1, slot >> 24, slot >> 16, slot >> 8, slot };
+
+	/* Makes the header writable first: a TCP clone shares only the payload,
+	 * so this copies nothing there. Fails only without memory. */
+	if (bpf_skb_store_bytes(skb, WG_ETH_DST, tag, sizeof(tag), 0) < 0)
+		return WG_CNT_TAG_FAILED;
+	return 0;
+}
+
+/* Tag the packet with `slot` and pick a worker's queue by its flow hash. */
+static __always_inline int to_worker(struct __sk_buff *skb, struct wg_config *cfg, u32 slot)
+{
+	u32 workers = cfg->queues > 1 ? cfg->queues - 1 : 0;
+	int reason;
+
+	if (!workers)
+		return verdict(skb, WG_QUEUE_CONTROL, WG_CNT_NO_QUEUE);
+	reason = write_tag(skb, slot);
+	if (reason)
+		return verdict(skb, WG_QUEUE_CONTROL, reason);
+	/* The kernel's flow hash (the socket's txhash, or the dissected 5-tuple):
+	 * a flow keeps its worker, so its packets stay in order. */
+	return verdict(skb, 1 + bpf_get_hash_recalc(skb) % workers, WG_CNT_PEER);
+}
+
 int wg_nexthop(struct __sk_buff *skb)
 {
 	struct wg_fib_lookup fib = {};
@@ -481,6 +522,8 @@ int wg_nexthop(struct __sk_buff *skb)
 	if (!cfg)	/* cannot happen: an array always has its element */
 		return verdict(skb, WG_QUEUE_CONTROL, WG_CNT_NO_PEER);
 
+	/* skb->protocol is the frame's EtherType (set by the stack, or by
+	 * eth_type_trans for a test run) */
 	if (skb->protocol == bpf_htons(ETH_P_IP))
 		reason = parse4(skb, &fib);
 	else if (skb->protocol == bpf_htons(ETH_P_IPV6))
@@ -495,13 +538,11 @@ int wg_nexthop(struct __sk_buff *skb)
 		reason = nexthop_of(skb, &fib, &key, cfg->fib_flags);
 		if (reason)
 			return verdict(skb, WG_QUEUE_CONTROL, reason);
-		count_nexthop(&key, skb->len);
+		count_nexthop(&key, skb->len - ETH_HLEN);
 	}
 
 	slot = peer_of(&key);
-	if (!slot)
+	if (!slot || slot > WG_SLOT_MAX)
 		return verdict(skb, WG_QUEUE_CONTROL, WG_CNT_NO_PEER);
-	if (slot >= cfg->queues)
-		return verdict(skb, WG_QUEUE_CONTROL, WG_CNT_NO_QUEUE);
-	return verdict(skb, slot, WG_CNT_PEER);
+	return to_worker(skb, cfg, slot);
 }

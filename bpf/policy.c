@@ -1,10 +1,15 @@
 /* policy.c: the source-address check, per peer, on the wgebpf device's ingress.
  *
- * SCHED_CLS, direct action, on the TUN device's clsact ingress hook. A worker
- * writes each peer's decrypted packets to the peer's own TUN queue, and the
- * kernel records that queue: skb->queue_mapping = queue + 1
- * (docs/platform-notes.md, item 3). So the sending peer is exact: slot = queue_mapping - 1. This runs
- * before the kernel's IP stack (and nftables' prerouting) sees the packet.
+ * SCHED_CLS, direct action, on the TAP device's clsact ingress hook. A worker
+ * writes each decrypted packet behind an Ethernet header of its own making:
+ * destination the device's MAC, source the sending peer's tag
+ * {WG_TAG_0, WG_TAG_1, slot BE32} (common.h). So the sending peer is exact:
+ * the slot is read from the source MAC, whichever worker wrote the frame.
+ * A remote peer cannot forge it: the worker builds that header itself in
+ * front of the decrypted IP packet, from the peer whose keys decrypted it;
+ * nothing a peer sends is copied into it, and the IP packet behind it is
+ * parsed at ETH_HLEN, never as a header. This runs before the kernel's IP
+ * stack (and nftables' prerouting) sees the packet.
  *
  * Compiled after nexthop.c in one text (bpfmaps.compile_programs): it shares
  * the classifier's maps (wg_config, the allowed-ips tries wg_peers4/6) and
@@ -35,24 +40,62 @@
  *               wg_config.mark_mask, the other mark bits kept; the table
  *               wgebpf/kernel/nftables.py installs drops what does not match.
  *   off         no check.
- * Packets from queue 0 (the control plane's own, e.g. its ICMP errors) or
- * with no queue recorded pass untouched, counted in row 0.
+ *               A slot that does not fit under the mask is dropped
+ *               (WG_POL_DROP_MARK): unmarked, nftables would let it by.
+ * Frames whose source MAC is not a tag, or the tag of slot 0 (the control
+ * plane's own packets, e.g. its ICMP errors), pass untouched, counted in
+ * row 0.
  *
  * Return value: TC_ACT_OK (let the stack have it) or TC_ACT_SHOT (drop).
- * Every packet is counted once in wg_policy_cnt[slot].n[WG_POL_*].
+ * Every packet is counted once in wg_policy_cnt[slot].n[WG_POL_*], if the
+ * loader made the slot's row (it does for each configured peer and row 0).
  */
 
-BPF_TABLE("array", u32, u32, wg_policies, WG_QUEUES_MAX);
-BPF_TABLE("percpu_array", u32, struct wg_policy_counts, wg_policy_cnt, WG_QUEUES_MAX);
+BPF_TABLE("array", u32, u32, wg_policies, WG_SLOTS);
+/* A hash, not an array: a per-CPU array would preallocate WG_SLOTS rows of
+ * 64 bytes on every CPU; the loader adds a row per peer and removes it. */
+BPF_F_TABLE("percpu_hash", u32, struct wg_policy_counts, wg_policy_cnt, WG_SLOTS,
+	    BPF_F_NO_PREALLOC);
 
 static __always_inline int policy_verdict(u32 slot, u32 reason, int action)
 {
 	struct wg_policy_counts *c = wg_policy_cnt.lookup(&slot);
 
-	/* Per-CPU row, and tc programs do not nest on one CPU: no atomics. */
+	/* Per-CPU row, and tc programs do not nest on one CPU: no atomics. No
+	 * row: a slot with no peer configured (being removed); its packet is
+	 * judged, not counted: inserting here could revive a removed row. */
 	if (c && reason < WG_POL_CNT_MAX)
 		c->n[reason] += 1;
 	return action;
+}
+
+/* The sending peer's slot from the frame's source MAC: 0 unless it is a
+ * tag (WG_TAG_0, WG_TAG_1, slot BE32) of a slot in 1..WG_SLOT_MAX. */
+static __always_inline u32 sender_slot(struct __sk_buff *skb)
+{
+	u8 *data = (u8 *)(long)skb->data;
+	u8 *mac = data + WG_ETH_SRC;
+	u32 slot;
+
+	/* The Ethernet header is always in the linear part (eth_type_trans
+	 * pulled it), so direct access suffices. */
+	if ((void *)(mac + WG_TAG_LEN) > (void *)(long)skb->data_end)
+		return 0;
+	if (mac[0] != WG_TAG_0 || mac[1] != WG_TAG_1)
+		return 0;
+	slot = ((u32)mac[2] << 24) | ((u32)mac[3] << 16) | ((u32)mac[4] << 8) | mac[5];
+	return slot <= WG_SLOT_MAX ? slot : 0;
+}
+
+/* nftables: the slot into skb->mark under mark_mask, other bits kept. */
+static __always_inline int mark_peer(struct __sk_buff *skb, struct wg_config *cfg, u32 slot)
+{
+	u32 shift = cfg->mark_shift & 31;
+
+	if (slot > cfg->mark_mask >> shift)
+		return policy_verdict(slot, WG_POL_DROP_MARK, TC_ACT_SHOT);
+	skb->mark = (skb->mark & ~cfg->mark_mask) | ((slot << shift) & cfg->mark_mask);
+	return policy_verdict(slot, WG_POL_MARKED, TC_ACT_OK);
 }
 
 /* The lookup filled from the packet, turned into the reply's: the source
@@ -109,14 +152,13 @@ static __always_inline int check_source(struct __sk_buff *skb, u32 slot, u32 pol
 
 int wg_policy(struct __sk_buff *skb)
 {
-	u32 zero = 0, slot, policy, shift;
+	u32 zero = 0, slot, policy;
 	struct wg_config *cfg;
 	u32 *own;
 
-	/* queue_mapping 0: no queue recorded; 1: queue 0, the control plane's. */
-	if (skb->queue_mapping <= WG_QUEUE_CONTROL + 1 || skb->queue_mapping > WG_QUEUES_MAX)
-		return policy_verdict(WG_QUEUE_CONTROL, WG_POL_ACCEPTED, TC_ACT_OK);
-	slot = skb->queue_mapping - 1;
+	slot = sender_slot(skb);
+	if (!slot)	/* not from a peer: the control plane's, or no tag */
+		return policy_verdict(0, WG_POL_ACCEPTED, TC_ACT_OK);
 
 	cfg = wg_config.lookup(&zero);
 	if (!cfg)	/* cannot happen: an array always has its element */
@@ -128,9 +170,7 @@ int wg_policy(struct __sk_buff *skb)
 	case WG_POLICY_OFF:
 		return policy_verdict(slot, WG_POL_ACCEPTED, TC_ACT_OK);
 	case WG_POLICY_NFTABLES:
-		shift = cfg->mark_shift & 31;
-		skb->mark = (skb->mark & ~cfg->mark_mask) | ((slot << shift) & cfg->mark_mask);
-		return policy_verdict(slot, WG_POL_MARKED, TC_ACT_OK);
+		return mark_peer(skb, cfg, slot);
 	case WG_POLICY_FIB:
 		return check_source(skb, slot, WG_POLICY_FIB, cfg->fib_flags);
 	default:	/* allowedips, and 0 or unknown values: the safe rule */

@@ -1,18 +1,21 @@
-"""The next-hop classifier and TUN steering programs, in the real kernel.
+"""The next-hop classifier and TAP steering programs, in the real kernel.
 
 Topology (one namespace per test, the test's thread inside it):
 
     UDP sockets of the test
           |  kernel routing: routes/rules the test adds
           v
-    TUN wgt...  198.51.100.1/24  2001:db8:100::1/64  fe80::1/64
-      clsact egress: wg_nexthop (FIB next hop -> allowed-ips -> slot)
-      steering:      wg_tun_steer (queue = slot)
-      queue 0: control plane   queue 1: peer .2   queue 2: peer .3   queue 3: peer .4
+    TAP wgt... (NOARP)  198.51.100.1/24  2001:db8:100::1/64  fe80::1/64
+      clsact egress: wg_nexthop (next hop -> allowed-ips -> slot: tag in the
+                     destination MAC, worker queue by flow hash)
+      steering:      wg_tun_steer (queue = skb->queue_mapping)
+      queue 0: control plane   queues 1..3: workers
 
 Peer slot s owns 198.51.100.(s+1)/32 and 2001:db8:100::(s+1)/128 (its
 tunnel addresses) unless a case says otherwise. Each case sends UDP packets
-with a unique payload and reads which TUN queue they came out of.
+with a unique payload and reads the frame that carries it: the peer is the
+tag in its destination MAC, and a tagged frame must come out of a worker
+queue, an untagged one out of queue 0.
 """
 
 from __future__ import annotations
@@ -31,30 +34,31 @@ import pytest
 from wgebpf.kernel import bpfmaps, nexthop
 from wgebpf.kernel import tc
 from wgebpf.kernel.nexthop import NextHopClassifier
-from wgebpf.dataplane.tun import Tun
 from wgebpf.kernel.tun_steer import TunSteering
 
 pytestmark = pytest.mark.netns
 
-QUEUES = 4
+QUEUES = 4                      # queue 0 and three workers
 PEER_ADDRS = {1: ("198.51.100.2", "2001:db8:100::2"),
               2: ("198.51.100.3", "2001:db8:100::3"),
               3: ("198.51.100.4", "2001:db8:100::4")}
 SLOT_OF = {a: s for s, addrs in PEER_ADDRS.items() for a in addrs}
 SO_MARK = 36
+UDP_SEGMENT = 103               # setsockopt(SOL_UDP, ...): the kernel's UDP GSO
 
 # -- namespace plumbing ----------------------------------------------------------
 
 import bpflayout
 from nsutil import fresh_netns, sh  # noqa: F401  (the netns fixture)
+from taputil import Tap, slot_of
 
 
 class Datapath:
-    """TUN + classifier + steering, peers 1..3 on their tunnel addresses."""
+    """TAP + classifier + steering, peers 1..3 on their tunnel addresses."""
 
-    def __init__(self, read_route: bool = True):
+    def __init__(self, read_route: bool = True, vnet_hdr: bool = False):
         self.name = f"wgt{secrets.token_hex(4)}"
-        self.tun = Tun.create(self.name, QUEUES)
+        self.tun = Tap(self.name, QUEUES, vnet_hdr=vnet_hdr)
         self.classifier = self.steering = None
         try:
             dev = self.name
@@ -96,23 +100,41 @@ class Datapath:
             s.sendto(payload, (dst, 9))
         return payload
 
-    def queue_of(self, payload: bytes, timeout: float = 2.0) -> int:
-        """The TUN queue the packet carrying `payload` came out of."""
+    def frames(self, until, timeout: float = 2.0) -> list[tuple[int, bytes]]:
+        """(queue, frame) read until until(frames) holds; raises on timeout."""
         poller = select.poll()
         for fd in self.tun.fds:
             poller.register(fd, select.POLLIN)
+        got: list[tuple[int, bytes]] = []
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             for fd, _ in poller.poll(left * 1000):
                 q = self.tun.fds.index(fd)
-                while (packet := self.tun.read(q)) is not None:
-                    if packet.endswith(payload):
-                        return q
-        raise AssertionError(f"packet {payload!r} did not come out of any queue")
+                while (frame := self.tun.read(q)) is not None:
+                    got.append((q, frame))
+            if until(got):
+                return got
+        raise AssertionError(f"frames wanted did not come out of any queue: {got!r}")
+
+    def where(self, payload: bytes, timeout: float = 2.0) -> tuple[int, int]:
+        """(queue, slot of its tag) of the frame carrying `payload`. A tagged
+        frame must be on a worker's queue, an untagged one on queue 0."""
+        def found(got):
+            return [(q, f) for q, f in got if f.endswith(payload)]
+        q, frame = found(self.frames(found, timeout))[0]
+        slot = slot_of(frame)
+        if slot:
+            assert 1 <= q < len(self.tun.fds), (q, slot)
+        else:
+            assert q == bpfmaps.QUEUE_CONTROL and frame[:6] == self.tun.mac, (q, frame[:6])
+        return q, slot
+
+    def queue_of(self, payload: bytes, timeout: float = 2.0) -> int:
+        return self.where(payload, timeout)[0]
 
     def route(self, dst: str, **kw) -> int:
-        """Send one datagram to dst and return its queue."""
-        return self.queue_of(self.send(dst, **kw))
+        """Send one datagram to dst and return the peer slot its frame names (0: none)."""
+        return self.where(self.send(dst, **kw))[1]
 
     def drain(self) -> int:
         n = 0
@@ -120,6 +142,13 @@ class Datapath:
             while self.tun.read(q) is not None:
                 n += 1
         return n
+
+    def inject(self, ethertype: int, payload: bytes) -> None:
+        """A frame sent on the device with a packet socket: no route attached."""
+        frame = self.tun.mac + bytes.fromhex("020000000001") + struct.pack("!H", ethertype)
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+            s.bind((self.name, 0))
+            s.send(frame + payload)
 
 
 @pytest.fixture
@@ -297,11 +326,15 @@ def test_peer_changes_follow_immediately(dp):
     assert dp.route("203.0.113.9") == 0
 
 
-def test_slot_without_a_queue_goes_to_queue_0(dp):
-    dp.classifier.set_queue_count(3)    # queue 3 "does not exist": no wrap onto queue 0..2
-    before = dp.classifier.counters()["no_queue"]
-    assert dp.route("198.51.100.4") == 0
-    assert dp.classifier.counters()["no_queue"] == before + 1
+def test_no_worker_queue_goes_to_queue_0(dp):
+    """queues == 1: no worker to take a peer's packet. Queue 0, untagged,
+    counted no_queue; back to the workers once they are there."""
+    dp.classifier.set_queue_count(1)
+    before = dp.classifier.counters()
+    assert dp.where(dp.send("198.51.100.4")) == (0, 0)
+    after = dp.classifier.counters()
+    assert after["no_queue"] == before["no_queue"] + 1 and after["peer"] == before["peer"]
+    dp.classifier.set_queue_count(QUEUES)
     assert dp.route("198.51.100.3") == 2
 
 
@@ -325,11 +358,10 @@ def test_forwarding_off_is_counted(dp_lookup):
 ])
 def test_non_ip_and_truncated_frames(dp, protocol, head, reason):
     """Frames sent on the device with a packet socket still pass tc egress."""
-    frame = head + secrets.token_bytes(8)
+    payload = head + secrets.token_bytes(8)
     before = dp.classifier.counters()[reason]
-    with socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(protocol)) as s:
-        s.sendto(frame, (dp.name, protocol))
-    assert dp.queue_of(frame) == 0
+    dp.inject(protocol, payload)
+    assert dp.where(payload) == (0, 0)
     assert dp.classifier.counters()[reason] == before + 1
 
 
@@ -341,9 +373,8 @@ def test_packet_socket_injection_falls_back_to_the_lookup(dp, dst, slot):
     packet = _udp_packet("198.51.100.1" if slot == 2 else "2001:db8:100::1", dst, payload)
     protocol = 0x0800 if ":" not in dst else 0x86DD
     before = dp.classifier.route_counters()
-    with socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(protocol)) as s:
-        s.sendto(packet, (dp.name, protocol))
-    assert dp.queue_of(payload) == slot
+    dp.inject(protocol, packet)
+    assert dp.where(payload)[1] == slot
     after = dp.classifier.route_counters()
     # (no check of "dst": the device's own IPv6 chatter, MLD and router
     # solicitations, may be routed meanwhile)
@@ -351,22 +382,20 @@ def test_packet_socket_injection_falls_back_to_the_lookup(dp, dst, slot):
 
 
 def test_test_run_has_no_dst_and_is_looked_up(dp):
-    """BPF_PROG_TEST_RUN builds an skb without a route: counted as no_dst and
-    classified by the lookup. The run passes an Ethernet frame and the
-    program reads from its first byte as from the TUN's IP header, so the
-    IPv6 source is chosen to put 0x86dd where the frame's ethertype is
-    (bytes 12-13: the source's 5th and 6th bytes)."""
-    packet = _udp_packet("2001:db8:86dd::1", "2001:db8:100::3", b"test-run")
-    assert packet[12:14] == b"\x86\xdd"
+    """BPF_PROG_TEST_RUN builds an skb without a route from an Ethernet
+    frame: counted as no_dst, classified by the lookup, and the frame that
+    comes back carries the peer's tag."""
+    frame = _frame(_udp_packet("2001:db8:100::1", "2001:db8:100::3", b"test-run"))
     before_peer = dp.classifier.counters()["peer"]
     before = dp.classifier.route_counters()
     before_nh = dp.classifier.nexthop_counters().get(ipaddress.ip_address("2001:db8:100::3"))
-    retval = _test_run_cls(dp.classifier.prog_fd, packet, socket.if_nametoindex(dp.name))
+    retval, out, _ = _test_run_cls(dp.classifier.prog_fd, frame, socket.if_nametoindex(dp.name))
     assert retval == 0                      # TC_ACT_OK
-    # The run does not hand back queue_mapping; the counters tell: a peer
-    # took it, and the lookup named the (on-link) destination as next hop.
+    assert out[:6] == bpfmaps.tag(2) and out[6:] == frame[6:]
+    # the lookup named the (on-link) destination as next hop
     nh = dp.classifier.nexthop_counters()[ipaddress.ip_address("2001:db8:100::3")]
     assert nh.packets == (before_nh.packets if before_nh else 0) + 1
+    assert nh.bytes - (before_nh.bytes if before_nh else 0) == len(frame) - 14   # IP only
     after = dp.classifier.route_counters()
     # (no check of "dst": the device's own IPv6 chatter, MLD and router
     # solicitations, may be routed meanwhile)
@@ -374,18 +403,29 @@ def test_test_run_has_no_dst_and_is_looked_up(dp):
     assert dp.classifier.counters()["peer"] == before_peer + 1
 
 
-def _test_run_cls(prog_fd: int, frame: bytes, ifindex: int) -> int:
-    """The return value of one BPF_PROG_TEST_RUN of a tc program, with
-    ctx->ifindex set (the run's device, which the lookup uses)."""
+def _test_run_cls(prog_fd: int, frame: bytes, ifindex: int) -> tuple[int, bytes, int]:
+    """(return value, frame out, queue_mapping out) of one BPF_PROG_TEST_RUN
+    of a tc program, with ctx->ifindex set (the run's device, which the
+    lookup uses)."""
     from wgebpf.kernel.xdp_guard import _BPF_PROG_TEST_RUN, _TestRunAttr
     buf = ctypes.create_string_buffer(bytes(frame), len(frame))
+    out = ctypes.create_string_buffer(len(frame) + 256)
     ctx_in = (ctypes.c_uint32 * 48)()       # struct __sk_buff, 192 bytes
     ctx_in[10] = ifindex                    # __sk_buff.ifindex (offset 40)
+    ctx_out = (ctypes.c_uint32 * 48)()
     attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(frame),
                         data_in=ctypes.addressof(buf), repeat=1,
-                        ctx_size_in=ctypes.sizeof(ctx_in), ctx_in=ctypes.addressof(ctx_in))
+                        data_out=ctypes.addressof(out), data_size_out=len(out),
+                        ctx_size_in=ctypes.sizeof(ctx_in), ctx_in=ctypes.addressof(ctx_in),
+                        ctx_size_out=ctypes.sizeof(ctx_out), ctx_out=ctypes.addressof(ctx_out))
     bpfmaps.bpf(_BPF_PROG_TEST_RUN, attr)
-    return attr.retval
+    return attr.retval, out.raw[:attr.data_size_out], ctx_out[3]   # queue_mapping: offset 12
+
+
+def _frame(packet: bytes, dst: bytes = b"\x02\x00\x00\x00\x00\x01") -> bytes:
+    """`packet` behind an Ethernet header, as the stack hands it to the TAP."""
+    ethertype = 0x86DD if packet[0] >> 4 == 6 else 0x0800
+    return dst + bytes.fromhex("020000000002") + struct.pack("!H", ethertype) + packet
 
 
 def _udp_packet(src: str, dst: str, payload: bytes, sport: int = 4000, dport: int = 9) -> bytes:
@@ -430,7 +470,7 @@ def test_detach_removes_the_filter(dp):
 def test_beside_a_clsact_it_did_not_add(netns):
     """Detach (ours, and the runtime-state file's step) removes our filter only."""
     name = f"wgt{secrets.token_hex(4)}"
-    with Tun.create(name, 2):
+    with Tap(name, 2):
         sh(f"ip link set {name} up && tc qdisc add dev {name} clsact")
         with NextHopClassifier(name, queues=2) as classifier:
             rec = classifier.attach()
@@ -443,6 +483,89 @@ def test_beside_a_clsact_it_did_not_add(netns):
             assert tc.remove_filter(rec)[0].startswith("removed tc filter")
             assert "wg_nexthop" not in sh(f"tc filter show dev {name} egress")
         assert "clsact" in sh(f"tc qdisc show dev {name}")
+
+
+# -- tags and worker queues ------------------------------------------------------
+
+
+@pytest.mark.parametrize("slot", [1, 255, 256, 4660, 65535])
+def test_tag_carries_every_slot(dp, slot):
+    """Slots up to 65535 come out as tag 02:77:<slot, 32 bits big-endian>,
+    through the real device and in a test run."""
+    dp.classifier.set_peer(slot, ["203.0.113.0/24", "2001:db8:300::/64"])
+    sh(f"ip route add 203.0.113.0/24 dev {dp.name} && ip route add 2001:db8:300::/64 dev {dp.name}")
+    assert dp.route("203.0.113.9") == slot
+    assert dp.route("2001:db8:300::9") == slot
+    frame = _frame(_udp_packet("198.51.100.1", "203.0.113.9", b"run"))
+    dp.classifier.set_mode("allowedips")
+    retval, out, _ = _test_run_cls(dp.classifier.prog_fd, frame, socket.if_nametoindex(dp.name))
+    assert retval == 0
+    assert out[:6] == bytes([0x02, 0x77]) + slot.to_bytes(4, "big") == bpfmaps.tag(slot)
+
+
+def test_slot_range_is_checked():
+    with pytest.raises(ValueError, match="1..65535"):
+        nexthop._check_slot(65536)
+    with pytest.raises(ValueError, match="1..65535"):
+        nexthop._check_slot(0)
+    assert bpfmaps.slot_of_tag(bpfmaps.tag(65535)) == 65535
+    assert bpfmaps.slot_of_tag(bytes.fromhex("027700010000")) == 0      # above SLOT_MAX
+    assert bpfmaps.slot_of_tag(bytes.fromhex("020000000001")) == 0      # not 02:77
+
+
+def _flows(dp, dst: str, ports) -> dict[int, tuple[int, int]]:
+    """sport -> (queue, slot) of one datagram per flow."""
+    return {p: dp.where(dp.send(dst, sport=p)) for p in ports}
+
+
+def test_a_flow_keeps_its_worker_and_flows_spread(dp):
+    """One peer, many flows: each flow's packets leave on one worker queue
+    (order kept), and the flows use every worker."""
+    ports = range(42000, 42048)
+    first = _flows(dp, "198.51.100.3", ports)
+    assert {slot for _, slot in first.values()} == {2}
+    assert {q for q, _ in first.values()} == {1, 2, 3}
+    for _ in range(2):
+        assert _flows(dp, "198.51.100.3", ports) == first
+    # The peer does not pick the worker: another peer's flows spread too.
+    assert {q for q, _ in _flows(dp, "198.51.100.4", ports).values()} == {1, 2, 3}
+
+
+def test_fewer_workers_fewer_queues(dp):
+    """set_queue_count(n): flows spread over queues 1..n-1 only."""
+    dp.classifier.set_queue_count(2)
+    assert {q for q, _ in _flows(dp, "198.51.100.2", range(42100, 42116)).values()} == {1}
+    dp.classifier.set_queue_count(3)
+    assert {q for q, _ in _flows(dp, "198.51.100.2", range(42100, 42132)).values()} == {1, 2}
+
+
+def test_gso_super_packet_is_segmented_with_the_tag_on_every_segment(netns):
+    """A UDP_SEGMENT send: tc egress sees one super-packet (one classifier
+    verdict), the queue yields one frame per segment, each with the tag and
+    all on the same worker's queue."""
+    d = Datapath(vnet_hdr=True)
+    try:
+        d.classifier.set_peer(4660, ["203.0.113.0/24"])
+        sh(f"ip route add 203.0.113.0/24 dev {d.name}")     # on-link: the key is the destination
+        marker = secrets.token_hex(4).encode()
+        segment, count = 1000, 5
+        data = b"".join(marker + bytes([i]) * (segment - len(marker)) for i in range(count))
+        before = d.classifier.counters()["peer"]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.IPPROTO_UDP, UDP_SEGMENT, segment)
+            s.sendto(data, ("203.0.113.9", 9))
+
+        def ours(got):
+            return [(q, f) for q, f in got if marker in f]
+        got = ours(d.frames(lambda g: len(ours(g)) >= count))
+        assert d.classifier.counters()["peer"] == before + 1     # seen once at tc egress
+        assert len(got) == count
+        assert len({q for q, _ in got}) == 1 and got[0][0] >= 1
+        for _, frame in got:
+            assert slot_of(frame) == 4660
+            assert frame[12:14] == b"\x08\x00" and len(frame) == 14 + 20 + 8 + segment
+    finally:
+        d.close()
 
 
 # -- cost -----------------------------------------------------------------------
@@ -521,8 +644,8 @@ def test_maps_of_the_compiled_programs_have_the_mirrored_layouts(root):
             bpfmaps.MAP_NEXTHOPS: (bpfmaps.NexthopKey, bpfmaps.NexthopStats,
                                    bpfmaps.NEXTHOPS_MAX),
             bpfmaps.MAP_RXINDEX: (ctypes.c_uint32, ctypes.c_uint32, bpfmaps.RXINDEX_MAX),
-            bpfmaps.MAP_POLICIES: (ctypes.c_uint32, ctypes.c_uint32, bpfmaps.QUEUES_MAX),
-            bpfmaps.MAP_POLICY_CNT: (ctypes.c_uint32, bpfmaps.PolicyCounts, bpfmaps.QUEUES_MAX),
+            bpfmaps.MAP_POLICIES: (ctypes.c_uint32, ctypes.c_uint32, bpfmaps.SLOTS),
+            bpfmaps.MAP_POLICY_CNT: (ctypes.c_uint32, bpfmaps.PolicyCounts, bpfmaps.SLOTS),
         }
         for name, (key, leaf, size) in expect.items():
             table = b[name.encode()]
@@ -531,6 +654,8 @@ def test_maps_of_the_compiled_programs_have_the_mirrored_layouts(root):
             one = getattr(table, "sLeaf", table.Leaf)
             assert ctypes.sizeof(one) == ctypes.sizeof(leaf), name
             assert table.max_entries == size, name
+        # A per-CPU hash: rows for configured peers only, not 65536 x CPUs.
+        assert type(b[bpfmaps.MAP_POLICY_CNT.encode()]).__name__ == "PerCpuHash"
     finally:
         b.cleanup()
 

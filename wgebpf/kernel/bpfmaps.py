@@ -22,11 +22,19 @@ from typing import Iterable, Iterator
 BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
 COMMON_H = os.path.join(BPF_DIR, "common.h")
 
-# ---- Peers, slots and queues ------------------------------------------------
-QUEUE_CONTROL = 0          # the control plane's TUN queue: what no peer takes
+# ---- Peers, slots, queues and tags ---------------------------------------------
+# Queue 0 of the TAP is the control plane's (what no peer takes), queues
+# 1..W the workers'; a peer is a slot, carried in frames as a tag MAC.
+QUEUE_CONTROL = 0
 SLOT_MIN = 1
-SLOT_MAX = 255             # queue `slot` per peer; the kernel allows 256 queues
-QUEUES_MAX = 256
+SLOT_MAX = 65535
+SLOTS = 65536              # entries of a slot-indexed map
+QUEUES_MAX = 256           # the kernel's MAX_TAP_QUEUES: 1 + workers
+TAG_0 = 0x02               # locally administered, unicast
+TAG_1 = 0x77
+TAG_LEN = 6                # TAG_0, TAG_1, slot as 4 bytes big-endian
+ETH_DST = 0                # offsets of the MACs in a frame
+ETH_SRC = 6
 
 # ---- Map names ----------------------------------------------------------------
 MAP_CONFIG = "wg_config"
@@ -89,6 +97,7 @@ CNT_NOT_IP = 2
 CNT_TRUNCATED = 3
 CNT_FIB_ERROR = 4
 CNT_NO_QUEUE = 5
+CNT_TAG_FAILED = 6
 CNT_FIB_RET_BASE = 8
 CNT_FIB_OTHER_DEV = 24
 CNT_FIB_DEST_FALLBACK = 25
@@ -126,6 +135,7 @@ COUNTER_NAMES: dict[int, str] = {
     CNT_TRUNCATED: "truncated",
     CNT_FIB_ERROR: "fib_error",
     CNT_NO_QUEUE: "no_queue",
+    CNT_TAG_FAILED: "tag_failed",
     CNT_FIB_RET_BASE + FIB_RET_BLACKHOLE: "fib_blackhole",
     CNT_FIB_RET_BASE + FIB_RET_UNREACHABLE: "fib_unreachable",
     CNT_FIB_RET_BASE + FIB_RET_PROHIBIT: "fib_prohibit",
@@ -159,13 +169,15 @@ POLICY_NFTABLES = 3
 POLICY_OFF = 4
 POLICY_MAX = 4
 
-# Verdicts: wg_policy_cnt[slot].n[POL_*]; row 0 counts the control plane's queue.
+# Verdicts: wg_policy_cnt[slot].n[POL_*]; row 0 counts frames with no peer tag
+# (the control plane's own).
 POL_ACCEPTED = 0
 POL_DROP_ALLOWEDIPS = 1
 POL_DROP_FIB = 2
 POL_FIB_FAILED = 3
 POL_MARKED = 4
 POL_NOT_IP = 5
+POL_DROP_MARK = 6
 POL_CNT_MAX = 8
 
 POLICY_COUNTER_NAMES: dict[int, str] = {
@@ -175,11 +187,28 @@ POLICY_COUNTER_NAMES: dict[int, str] = {
     POL_FIB_FAILED: "fib_failed",
     POL_MARKED: "marked",
     POL_NOT_IP: "not_ip",
+    POL_DROP_MARK: "dropped_peer_mark",
 }
 
 
 class PolicyCounts(ctypes.Structure):
     _fields_ = [("n", ctypes.c_uint64 * POL_CNT_MAX)]
+
+
+def tag(slot: int) -> bytes:
+    """The MAC that names peer `slot` (0..SLOT_MAX; 0: no peer) in a frame."""
+    if not 0 <= slot <= SLOT_MAX:
+        raise ValueError(f"peer slot must be 0..{SLOT_MAX}, not {slot}")
+    return bytes((TAG_0, TAG_1)) + slot.to_bytes(4, "big")
+
+
+def slot_of_tag(mac: bytes) -> int:
+    """The slot a tag names; 0 for a MAC that is not a tag (as the programs read it)."""
+    mac = bytes(mac[:TAG_LEN])
+    if len(mac) < TAG_LEN or mac[0] != TAG_0 or mac[1] != TAG_1:
+        return 0
+    slot = int.from_bytes(mac[2:], "big")
+    return slot if slot <= SLOT_MAX else 0
 
 
 # ---- Receive steering ---------------------------------------------------------

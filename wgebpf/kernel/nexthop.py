@@ -1,11 +1,13 @@
 """Next-hop peer selection: loader for bpf/nexthop.c (tc egress classifier).
 
-The classifier runs on the wgebpf TUN device's clsact egress hook. For each
-packet it asks the kernel FIB for the route's next hop (or, in allowedips
-mode, takes the destination) and finds the peer whose allowed-ips hold it
-longest-prefix first; the peer's slot is its TUN queue, and tun_steer.py's
-program puts the packet there. Nothing in Python looks at packets: this
-module only fills the maps (config, allowed-ips tries) and reads counters.
+The classifier runs on the wgebpf TAP device's clsact egress hook. For each
+packet it reads the route's next hop (or, in allowedips mode, takes the
+destination) and finds the peer whose allowed-ips hold it longest-prefix
+first; it writes the peer's slot as a tag into the frame's destination MAC
+(bpfmaps.tag) and picks a worker's queue by the flow hash, which
+tun_steer.py's program puts the packet on. Nothing in Python looks at
+packets: this module only fills the maps (config, allowed-ips tries) and
+reads counters.
 
 One compile serves the classifier, the steering program and the source
 policy on ingress (policy.c: it shares the allowed-ips tries and the config);
@@ -59,10 +61,10 @@ class NexthopStats(NamedTuple):
 class NextHopClassifier(m.LoadedProgram, tc.FilterOwner):
     """The classifier for one device: maps, program, and its tc attachment.
 
-    `queues` is the TUN's queue count: a peer whose slot is not below it is
-    treated as no peer (its queue does not exist, and the kernel would wrap
-    the number around onto another peer's queue). Raise it with
-    set_queue_count() when adding queues.
+    `queues` is the TAP's queue count, 1 + the number of workers: a peer's
+    packets go to queue 1 + (flow hash % workers); with no worker queue
+    (queues == 1) to queue 0, counted no_queue. Change it with
+    set_queue_count() when queues come or go.
     """
 
     FILTER_NAME, FILTER_PARENT = "wg_nexthop", TC_PARENT_EGRESS
@@ -151,6 +153,8 @@ class NextHopClassifier(m.LoadedProgram, tc.FilterOwner):
         self._write_config()
 
     def set_queue_count(self, queues: int) -> None:
+        """The TAP's queue count now (1 + workers); the classifier spreads
+        flows over queues 1..queues-1 from its next packet on."""
         if not 1 <= queues <= m.QUEUES_MAX:
             raise ValueError(f"queues must be 1..{m.QUEUES_MAX}, not {queues}")
         self._config.queues = queues
@@ -192,7 +196,7 @@ class NextHopClassifier(m.LoadedProgram, tc.FilterOwner):
         self._owned[slot] = new
 
     def remove_peer(self, slot: int) -> None:
-        """Forget peer `slot`'s allowed-ips; its packets then go to queue 0."""
+        """Forget peer `slot`'s allowed-ips; its packets then go to queue 0, untagged."""
         for net in self._owned.pop(slot, set()):
             self._delete(net)
 
@@ -259,7 +263,7 @@ def _resolve(ifname_or_index: str | int) -> tuple[int, str]:
 def _check_slot(slot: int) -> None:
     if not m.SLOT_MIN <= slot <= m.SLOT_MAX:
         raise ValueError(f"peer slot must be {m.SLOT_MIN}..{m.SLOT_MAX} "
-                         f"(queue {m.QUEUE_CONTROL} is the control plane's), not {slot}")
+                         f"(0 is the tag of no peer), not {slot}")
 
 
 def _lpm_key(net: Network) -> ctypes.Structure:

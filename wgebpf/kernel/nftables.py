@@ -35,6 +35,11 @@ The last rule fails closed: a packet carrying a peer mark for which this
 table has no rules (a peer the runtime has not added here yet) is dropped.
 Unmarked packets (peers with another policy, the control plane's own) pass.
 
+Peer slots go up to 65535, but a mask holds only the slots that fit its
+bits (8 bits, the default: 1..255): set_peer refuses the others, and
+policy.c drops their packets (dropped_peer_mark) rather than let them by
+unmarked, which this table would pass.
+
 Elements: the admin may add elements to a peer's sets (`nft add element
 inet wgebpf_wg0 peer2_v4 { 192.0.2.0/24 }`). wgebpf re-syncs only its own
 prefixes: set_peer() adds the allowed-ips that are missing and removes the
@@ -87,6 +92,7 @@ class NftSourceFilter:
         self.ifname = ifname
         self.mark_mask = mark_mask
         self.shift = (mark_mask & -mark_mask).bit_length() - 1
+        self.max_slot = mark_mask >> self.shift     # the highest slot the mask holds
         self.table_name = f"wgebpf_{ifname}"
         self.installed = False
         self._nft = libnft.Nftables()
@@ -162,6 +168,7 @@ class NftSourceFilter:
         """
         if not self.installed:
             raise NftError(f"table {self.record} is not installed")
+        self._check_slot(slot)
         wanted = {4: [], 6: []}
         for n in networks:
             net = ipaddress.ip_network(n, strict=False)
@@ -232,6 +239,15 @@ class NftSourceFilter:
         return out
 
     # -- pieces ----------------------------------------------------------------
+
+    def _check_slot(self, slot: int) -> None:
+        """Refuse a slot the mark mask cannot hold: its mark would be cut to
+        other bits (another peer's, or none), so no rule could judge it.
+        policy.c drops such a peer's packets (dropped_peer_mark)."""
+        if not 1 <= slot <= self.max_slot:
+            raise ValueError(f"peer slot {slot} does not fit PeerMark {self.mark_mask:#x}, "
+                             f"which holds slots 1..{self.max_slot} (a 16-bit mask such as "
+                             f"0xffff0000 holds every peer slot, 1..65535)")
 
     def _t(self) -> dict:
         return {"family": FAMILY, "table": self.table_name}

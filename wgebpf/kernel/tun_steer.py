@@ -1,9 +1,12 @@
-"""Per-peer TUN queues: loader for bpf/tun_steer.c (TUNSETSTEERINGEBPF).
+"""Worker queues: loader for bpf/tun_steer.c (TUNSETSTEERINGEBPF).
 
 The steering program returns skb->queue_mapping, where the egress classifier
-(nexthop.py) left the packet's queue: peer slot s -> queue s, no peer -> 0.
-Attach it before the device carries traffic: without it the kernel spreads
-packets over the queues by flow hash, i.e. over arbitrary peers.
+(nexthop.py) left the packet's queue: a peer's packet (tagged with its slot
+in the destination MAC) -> worker queue 1 + flow hash % workers, no peer ->
+queue 0, the control plane's. Attach it before the device carries traffic:
+without it the kernel spreads packets over every queue by flow hash, queue 0
+included, so the control plane would get peers' packets and workers
+untagged ones.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from . import bpfmaps as m
 
 
 class SteerableTun(Protocol):
-    """What steering needs of the TUN device (dataplane/tun.py's Tun)."""
+    """What steering needs of the device (dataplane/tun.py's Tun, a TAP)."""
 
     fds: list
 
@@ -22,7 +25,7 @@ class SteerableTun(Protocol):
 
 
 class TunSteering:
-    """The steering program of one multi-queue Tun.
+    """The steering program of one multi-queue device.
 
     Pass the NextHopClassifier to reuse the program compiled with it (no
     second compile); without one, tun_steer.c is compiled on its own.
