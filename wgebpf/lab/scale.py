@@ -35,7 +35,12 @@ What it measures (each can be skipped with --skip NAME):
   churn       `wg set NAME peer KEY allowed-ips ...` and `... remove`, timed,
               while a ping A -> B runs; lost pings are counted
 The trickle's delivery (every trickling peer's rx in `wg show` grew, the sink
-heard from each) is checked whether or not throughput is measured.
+heard from each) is checked whether or not throughput is measured. The swarm
+starts with the handshakes step: skipping it skips throughput and the trickle.
+Handshakes all at once exceed the responder's under-load threshold (64 a
+second), so most peers first get a cookie reply and complete on their retry
+REKEY_TIMEOUT later, as real peers would: `peak_completions_1s` is then the
+closer figure for the control plane's capacity (or pace them with --rate).
 
 Everything is bounded: each wait has a time limit scaled with N, the swarm
 and the sink exit on their own after a limit, and every namespace goes at
