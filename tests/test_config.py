@@ -339,7 +339,7 @@ ERRORS = [
     ("peer mark holes", iface("PeerMark = 0xff00ff00"), 3, "PeerMark",
      ["'0xff00ff00'", "contiguous"]),
     ("peer mark narrow", iface("PeerMark = 0x7f000000"), 3, "PeerMark",
-     ["'0x7f000000'", "7 bits", "needs 8"]),
+     ["'0x7f000000'", "7 bits", "needs at least 8"]),
     ("peer mark too big", iface("PeerMark = 0x1ff000000"), 3, "PeerMark", ["32 bits"]),
     ("peer mark octal", iface("PeerMark = 0377"), 3, "PeerMark", ["'0377'", "octal"]),
     ("peer mark words", iface("PeerMark = top"), 3, "PeerMark", ["'top'", "0x hex"]),
@@ -348,7 +348,7 @@ ERRORS = [
      ["shares bits 0x1000000 with FwMark 0x1000000", "nftables"]),
     ("default peer mark vs fwmark, nftables peer",
      peer("SourcePolicy = nftables").replace("[Peer]", "FwMark = 0x80000000\n[Peer]"), 3,
-     "FwMark", ["PeerMark 0xff000000 shares bits 0x80000000", "the default"]),
+     "FwMark", ["PeerMark 0xffff0000 shares bits 0x80000000", "the default"]),
     ("workers zero", iface("Workers = 0"), 3, "Workers", ["'0'", "1..256"]),
     ("workers too many", iface("Workers = 257"), 3, "Workers", ["'257'"]),
     ("workers words", iface("Workers = many"), 3, "Workers", ["'many'"]),
@@ -575,15 +575,15 @@ def test_addresses_are_interfaces_and_allowed_ips_networks():
 
 
 @pytest.mark.parametrize("lines, mask", [
-    ("", 0xFF000000),                                   # the default
+    ("", 0xFFFF0000),                                   # the default
     ("PeerMark = 0xff00", 0xFF00),
     ("PeerMark = 65280", 0xFF00),                       # decimal
     ("PeerMark = 0xFFFFFFFF", 0xFFFFFFFF),
     ("PeerMark = 0x000ff000", 0xFF000),
     # FwMark shares bits, but no policy marks packets: harmless, accepted
-    ("FwMark = 0xffffffff\nSourcePolicy = fib", 0xFF000000),
+    ("FwMark = 0xffffffff\nSourcePolicy = fib", 0xFFFF0000),
     # nftables with FwMark clear of the mask
-    ("SourcePolicy = nftables\nFwMark = 0xca6c", 0xFF000000),
+    ("SourcePolicy = nftables\nFwMark = 0xca6c", 0xFFFF0000),
     ("SourcePolicy = nftables\nFwMark = 0xff000000\nPeerMark = 0xff0000", 0xFF0000),
 ])
 def test_peer_mark_values(lines, mask):
@@ -596,7 +596,7 @@ def test_peer_mark_values(lines, mask):
 
 @pytest.mark.parametrize("mask, error", [
     (0xFF000000, None), (0xFF, None), (0xFFFFFFFF, None), (0x1FE, None),
-    (0, "nonzero"), (0x1_0000_0000, "nonzero"), (0x7F, "needs 8"), (0xF0F0, "contiguous"),
+    (0, "nonzero"), (0x1_0000_0000, "nonzero"), (0x7F, "needs at least 8"), (0xF0F0, "contiguous"),
 ])
 def test_peer_mark_error(mask, error):
     problem = config.peer_mark_error(mask)

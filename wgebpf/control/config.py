@@ -15,8 +15,9 @@ wgebpf adds its own [Interface] keys: PeerSelection, SourcePolicy, PeerMark,
 Workers and Metrics; and a per-peer SourcePolicy override in [Peer].
 
 PeerMark is the mask of skb->mark bits where the nftables source policy puts
-the sending peer's slot (1..255) on each received packet: one contiguous run
-of at least 8 bits (hex or decimal; default 0xff000000). The eBPF program
+the sending peer's slot (1..65535) on each received packet: one contiguous
+run of at least 8 bits (hex or decimal; default 0xffff0000, 16 bits: room
+for every slot; a narrower mask holds fewer). The eBPF program
 keeps every bit outside it. It must not share a bit with FwMark when the
 nftables policy is in use (by the interface or any peer): FwMark marks the
 tunnel's own UDP packets, and routing rules on it (wg-quick's `not fwmark`

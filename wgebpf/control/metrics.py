@@ -170,9 +170,9 @@ def peer_families(interface: str, peers: dict) -> Iterator[Metric]:
     age = GaugeMetricFamily("wgebpf_peer_keypair_age_seconds",
                             "Age of the current session's keypair (absent without one).",
                             labels=labels)
-    info = InfoMetricFamily("wgebpf_peer", "The peer's endpoint, worker, TUN queue slot, "
-                            "AllowedIPs and source policy.",
-                            labels=["interface", "public_key", "endpoint", "worker", "slot",
+    info = InfoMetricFamily("wgebpf_peer", "The peer's endpoint, slot (its tag on the "
+                            "device's frames), AllowedIPs and source policy.",
+                            labels=["interface", "public_key", "endpoint", "slot",
                                     "allowed_ips", "source_policy"])
     dropped = _counter("wgebpf_peer_dropped_packets_total",
                        "Packets dropped for a reason that belongs to this peer "
@@ -185,7 +185,7 @@ def peer_families(interface: str, peers: dict) -> Iterator[Metric]:
         if peer.get("keypair_age_seconds") is not None:
             age.add_metric([interface, public_key], float(peer["keypair_age_seconds"]))
         info.add_metric([interface, public_key, _text(peer.get("endpoint")),
-                         _text(peer.get("worker")), _text(peer.get("slot")),
+                         _text(peer.get("slot")),
                          ",".join(peer.get("allowed_ips") or ()),
                          _text(peer.get("source_policy"))], {})
         drops = peer.get("drops") or {}

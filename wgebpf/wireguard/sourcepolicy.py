@@ -9,10 +9,13 @@ the bottom layer.
 
 SOURCE_POLICIES = ("allowedips", "fib", "nftables", "off")
 
-# Where the nftables policy puts the peer's slot in the mark: the top byte,
-# far from the low bits fwmark-based setups usually take.
-PEER_MARK_DEFAULT = 0xFF000000
-PEER_MARK_MIN_BITS = 8      # slots are 1..255
+# Where the nftables policy puts the peer's slot in the mark: the top 16
+# bits, far from the low bits fwmark-based setups usually take, and wide
+# enough for every slot (1..65535). A narrower PeerMark (at least 8 bits)
+# is allowed; a peer whose slot it cannot hold is refused the nftables
+# policy (kernel/policy.py says which).
+PEER_MARK_DEFAULT = 0xFFFF0000
+PEER_MARK_MIN_BITS = 8
 
 
 def peer_mark_error(mask: int) -> str | None:
@@ -23,7 +26,7 @@ def peer_mark_error(mask: int) -> str | None:
     if low & (low + 1):
         return "is not one contiguous run of bits"
     if low.bit_length() < PEER_MARK_MIN_BITS:
-        return (f"has {low.bit_length()} bits; a peer slot (1..255) needs "
+        return (f"has {low.bit_length()} bits; a peer slot needs at least "
                 f"{PEER_MARK_MIN_BITS}")
     return None
 
