@@ -32,14 +32,14 @@ SNAPSHOT = {
     "source_policy": "allowedips",
     "listen_port": 51820,
     "peers": {
-        KEY_B: {"slot": 1, "worker": 1, "endpoint": "192.0.2.2:51821",
+        KEY_B: {"slot": 1, "endpoint": "192.0.2.2:51821",
                 "rx_bytes": 1000, "tx_bytes": 2000, "rx_packets": 10, "tx_packets": 20,
                 "handshakes_completed": 3, "handshakes_failed": 1, "handshakes_sent": 4,
                 "last_handshake_time": 1700000000.25, "keypair_age_seconds": 12.5,
                 "source_policy": "allowedips",
                 "allowed_ips": ["198.51.100.2/32", "2001:db8:100::2/128"],
                 "drops": {"source_policy": 2, "no_session": 0}},
-        KEY_C: {"slot": 2, "worker": 2, "endpoint": None,
+        KEY_C: {"slot": 2, "endpoint": None,
                 "rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0,
                 "handshakes_completed": 0, "handshakes_failed": 0, "handshakes_sent": 0,
                 "last_handshake_time": 0.0, "keypair_age_seconds": None,
@@ -50,10 +50,10 @@ SNAPSHOT = {
                                                ["+Inf", 3]],
                                    "sum": 0.009, "count": 3},
     "workers": [
-        {"worker": 1, "pid": 100, "peers": [1], "restarts": 0, "busy_seconds": 1.5,
+        {"worker": 1, "pid": 100, "peers": 2, "restarts": 0, "busy_seconds": 1.5,
          "queue_depth": 4, "rx_bytes": 1000, "tx_bytes": 2000, "rx_packets": 10,
          "tx_packets": 20, "alive": True, "packets_by_slot": {1: 30}},
-        {"worker": 2, "pid": None, "peers": [2], "restarts": 3, "busy_seconds": 0.25,
+        {"worker": 2, "pid": None, "peers": 2, "restarts": 3, "busy_seconds": 0.25,
          "queue_depth": 0, "alive": False, "packets_by_slot": {}},   # never reported traffic
     ],
     "classifier": {"peer": 30, "no_peer": 5, "fib_unreachable": 1},
@@ -111,10 +111,10 @@ EXPECTED = [
     ("wgebpf_peer_latest_handshake_timestamp_seconds", L(**B), 1700000000.25),
     ("wgebpf_peer_latest_handshake_timestamp_seconds", L(**C), 0),      # never
     ("wgebpf_peer_keypair_age_seconds", L(**B), 12.5),
-    ("wgebpf_peer_info", L(**B, endpoint="192.0.2.2:51821", worker="1", slot="1",
+    ("wgebpf_peer_info", L(**B, endpoint="192.0.2.2:51821", slot="1",
                            allowed_ips="198.51.100.2/32,2001:db8:100::2/128",
                            source_policy="allowedips"), 1),
-    ("wgebpf_peer_info", L(**C, endpoint="", worker="2", slot="2", allowed_ips="",
+    ("wgebpf_peer_info", L(**C, endpoint="", slot="2", allowed_ips="",
                            source_policy="off"), 1),
     ("wgebpf_peer_dropped_packets_total", L(**B, reason="source_policy"), 2),
     ("wgebpf_peer_dropped_packets_total", L(**B, reason="no_session"), 0),
@@ -132,7 +132,8 @@ EXPECTED = [
     ("wgebpf_worker_restarts_total", L(**W2), 3),
     ("wgebpf_worker_up", L(**W1), 1),
     ("wgebpf_worker_up", L(**W2), 0),
-    ("wgebpf_worker_peers", L(**W2), 1),
+    ("wgebpf_worker_peers", L(**W1), 2),          # every worker serves every peer
+    ("wgebpf_worker_peers", L(**W2), 2),
     ("wgebpf_classifier_packets_total", L(interface="wg0", reason="peer"), 30),
     ("wgebpf_classifier_packets_total", L(interface="wg0", reason="fib_unreachable"), 1),
     ("wgebpf_classifier_info", L(interface="wg0", mode="route"), 1),
@@ -289,10 +290,10 @@ def test_every_known_label_set_is_exported_from_the_start():
     counted): every peer has every peer drop reason, every handshake result
     and its host AllowedIPs as next hops, at 0; every worker each direction."""
     idle = {"interface": "wg0", "drops": {},
-            "peers": {KEY_B: {"slot": 1, "worker": 1, "drops": {},
+            "peers": {KEY_B: {"slot": 1, "drops": {},
                               "allowed_ips": ["198.51.100.2/32", "2001:db8:100::2/128",
                                               "198.51.100.0/24"]},
-                      KEY_C: {"slot": 2, "worker": 2, "allowed_ips": []}},
+                      KEY_C: {"slot": 2, "allowed_ips": []}},
             "workers": [{"worker": 1, "alive": True}, {"worker": 2, "alive": True}],
             "nexthops": {}}
     exposed = samples(scrape(idle))

@@ -26,13 +26,13 @@ STATUS = {
     "source_policy": "allowedips",
     "listen_port": 51820,
     "peers": {
-        KEY_B: {"slot": 1, "worker": 1, "endpoint": "192.0.2.2:51821",
+        KEY_B: {"slot": 1, "endpoint": "192.0.2.2:51821",
                 "rx_bytes": 1000, "tx_bytes": 2048, "rx_packets": 10, "tx_packets": 20,
                 "handshakes_completed": 3, "handshakes_failed": 1, "handshakes_sent": 4,
                 "last_handshake_time": 1700000000.25, "keypair_age_seconds": 12.5,
                 "source_policy": "allowedips", "allowed_ips": ["198.51.100.2/32"],
                 "drops": {"source_policy": 2, "no_session": 0, "replay": 6}},
-        KEY_C: {"slot": 2, "worker": 2, "endpoint": None,
+        KEY_C: {"slot": 2, "endpoint": None,
                 "rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0,
                 "handshakes_completed": 0, "handshakes_failed": 0, "handshakes_sent": 0,
                 "last_handshake_time": 0.0, "keypair_age_seconds": None,
@@ -42,11 +42,11 @@ STATUS = {
     "handshake_duration_seconds": {"buckets": [[0.001, 0], ["+Inf", 3]],
                                    "sum": 0.009, "count": 3},
     "workers": [
-        {"worker": 1, "pid": 4242, "peers": [1], "restarts": 0, "busy_seconds": 1.5,
+        {"worker": 1, "pid": 4242, "peers": 2, "restarts": 0, "busy_seconds": 1.5,
          "queue_depth": 17, "rx_bytes": 1000, "tx_bytes": 2048, "rx_packets": 10,
          "tx_packets": 20, "alive": True, "packets_by_slot": {"1": 30},
          "fds": 23, "rss_bytes": 31457280},
-        {"worker": 2, "pid": None, "peers": [2], "restarts": 3, "busy_seconds": 0.25,
+        {"worker": 2, "pid": None, "peers": 2, "restarts": 3, "busy_seconds": 0.25,
          "queue_depth": 0, "alive": False, "packets_by_slot": {}},
     ],
     "classifier": {"peer": 30, "no_peer": 5},
@@ -107,19 +107,22 @@ def test_interface_lines(text):
 def test_workers(text):
     lines = section(text, "workers:")
     assert row(lines, "worker")[:7] == ["worker", "pid", "alive", "restarts", "busy s",
-                                        "queue", "peers (slots)"]
-    assert row(lines, "1")[:7] == ["1", "4242", "yes", "0", "1.50", "17", "1"]
+                                        "queue", "peers"]
+    # A count: every worker serves every peer.
+    assert row(lines, "1")[:7] == ["1", "4242", "yes", "0", "1.50", "17", "2"]
     assert row(lines, "2")[:7] == ["2", "-", "no", "3", "0.25", "0", "2"]
     assert "30.00 MiB" in row(lines, "1")
 
 
 def test_peers(text):
     lines = section(text, "peers:")
+    assert row(lines, "peer") == ["peer", "slot", "endpoint", "rx", "tx", "hs ok/failed",
+                                   "policy", "drops"]             # no worker: all serve all
     b = row(lines, short_key(KEY_B))
-    assert b[1:] == ["1", "1", "192.0.2.2:51821", "1000 B", "2.00 KiB", "3/1", "allowedips",
+    assert b[1:] == ["1", "192.0.2.2:51821", "1000 B", "2.00 KiB", "3/1", "allowedips",
                      "6 replay, 2 source_policy"]           # zero reasons left out
     c = row(lines, short_key(KEY_C))
-    assert c[3] == "(none)" and c[-1] == "-"
+    assert c[1:3] == ["2", "(none)"] and c[-1] == "-"
 
 
 def test_drops_by_reason(text):
