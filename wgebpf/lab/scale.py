@@ -479,12 +479,16 @@ def churn(side: netns.Wgebpf, opts: Options, first: int) -> dict:
     finally:
         ping.send_signal(signal.SIGINT)
         out, _ = ping.communicate(timeout=10)
-    seqs = [int(s) for s in re.findall(r"icmp_seq=(\d+)", out)]
-    # Echoes after the last answered one may still be in flight: only gaps count.
-    lost = (max(seqs) - len(set(seqs))) if seqs else None
+    answered = len(set(re.findall(r"icmp_seq=(\d+)", out)))
+    sent = re.search(r"(\d+) packets transmitted", out)
+    # Pinged every 20 ms and stopped 0.5 s after the last change, the echo
+    # sent just before SIGINT is the only one that may still be in flight.
+    lost = max(0, int(sent[1]) - answered - 1) if sent else None
     return {"rounds": opts.churn_rounds, "add_s_median": statistics.median(adds),
             "add_s": adds, "remove_s_median": statistics.median(removes),
-            "remove_s": removes, "ping_answered": len(set(seqs)), "ping_lost": lost,
+            "remove_s": removes, "ping_answered": answered,
+            "ping_sent": int(sent[1]) if sent else None,
+            "ping_lost": lost,
             "peers_after": wg_peers(side), "errors": errors}
 
 
