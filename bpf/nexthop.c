@@ -26,15 +26,16 @@
  *              header on, tag included, onto every segment.
  *   the queue  a worker's TAP queue, 1 + (flow hash % W) for W workers
  *              (wg_config.queues - 1), so a flow keeps its worker and its
- *              order; 0 (the control plane's) when no peer takes it.
+ *              order (flow_hash); 0 (the control plane's) when no peer
+ *              takes it.
  *              It is left in skb->queue_mapping for tun_steer.c, which runs
  *              right after this program in the same __dev_queue_xmit() call
  *              (tc egress first, then the device's queue selection). skb->cb
  *              cannot carry it: tun runs the steering program with
  *              bpf_prog_run_clear_cb(), which zeroes cb. skb->mark must not:
  *              the user routes by it. The steering program could parse the
- *              tag again, but the queue is not the peer, and the flow hash
- *              is at hand here (bpf_get_hash_recalc, a tc helper).
+ *              tag again, but the queue is not the peer, and the flow's
+ *              addresses and ports are at hand here, parsed already.
  * Every packet is counted under one reason in wg_counters (common.h), and
  * in nexthop mode under where its next hop came from (WG_CNT_ROUTE_DST or a
  * WG_CNT_FB_* fallback reason).
@@ -84,7 +85,13 @@ static __always_inline void count(u32 index)
 
 static __always_inline int verdict(struct __sk_buff *skb, u32 queue, u32 reason)
 {
-	skb->queue_mapping = queue;
+	/* The mask is not for the value (queues are < 256) but for the
+	 * register: the kernel skips a queue_mapping write whose source is
+	 * >= 0xffff compared as 64 bits (bpf_convert_ctx_access), and clang
+	 * may leave the upper half of a u32 it computed in 64-bit registers
+	 * dirty (here: 1 + hash % workers, the hash's multiplications). The
+	 * AND clears both halves above bit 15. */
+	skb->queue_mapping = queue & 0xffff;
 	count(reason);
 	return TC_ACT_OK;
 }
@@ -494,8 +501,42 @@ static __always_inline int write_tag(struct __sk_buff *skb, u32 slot)
 	return 0;
 }
 
-/* Tag the packet with `slot` and pick a worker's queue by its flow hash. */
-static __always_inline int to_worker(struct __sk_buff *skb, struct wg_config *cfg, u32 slot)
+/* One round of mixing a word into a hash (multiply by the golden ratio,
+ * fold the high bits down). */
+static __always_inline u32 mix(u32 h, u32 v)
+{
+	h = (h ^ v) * 0x9e3779b1;
+	return h ^ (h >> 15);
+}
+
+/* The packet's flow hash: the kernel's when the skb has one (a TCP or
+ * connected socket's txhash, or the receiving NIC's for a forwarded
+ * packet), else a hash of the addresses, ports and protocol parse4/parse6
+ * read (fragments have no ports, so all of a datagram's hash alike). Call
+ * before the FIB lookup, which overwrites the destination.
+ * bpf_get_hash_recalc would give the kernel's hash in every case, but runs
+ * the flow dissector for each packet without one: measured 150-200 ns a
+ * packet on 6.18 (tests/test_bpf_nexthop.py::test_cost_per_packet), about
+ * as much as the rest of the classifier; this costs a few. */
+static __always_inline u32 flow_hash(struct __sk_buff *skb, struct wg_fib_lookup *fib)
+{
+	u32 h = skb->hash, i;
+
+	if (h)
+		return h;
+	h = mix(fib->l4_protocol, ((u32)fib->sport << 16) | fib->dport);
+	if (fib->family == WG_AF_INET)
+		return mix(mix(h, fib->ipv4_src), fib->ipv4_dst);
+#pragma unroll
+	for (i = 0; i < 4; i++)
+		h = mix(mix(h, fib->ipv6_src[i]), fib->ipv6_dst[i]);
+	return h;
+}
+
+/* Tag the packet with `slot` and pick a worker's queue by its flow hash:
+ * a flow keeps its worker, so its packets stay in order. */
+static __always_inline int to_worker(struct __sk_buff *skb, struct wg_config *cfg, u32 slot,
+				     u32 hash)
 {
 	u32 workers = cfg->queues > 1 ? cfg->queues - 1 : 0;
 	int reason;
@@ -505,9 +546,7 @@ static __always_inline int to_worker(struct __sk_buff *skb, struct wg_config *cf
 	reason = write_tag(skb, slot);
 	if (reason)
 		return verdict(skb, WG_QUEUE_CONTROL, reason);
-	/* The kernel's flow hash (the socket's txhash, or the dissected 5-tuple):
-	 * a flow keeps its worker, so its packets stay in order. */
-	return verdict(skb, 1 + bpf_get_hash_recalc(skb) % workers, WG_CNT_PEER);
+	return verdict(skb, 1 + hash % workers, WG_CNT_PEER);
 }
 
 int wg_nexthop(struct __sk_buff *skb)
@@ -515,7 +554,7 @@ int wg_nexthop(struct __sk_buff *skb)
 	struct wg_fib_lookup fib = {};
 	struct wg_nexthop_key key = {};
 	struct wg_config *cfg;
-	u32 zero = 0, slot;
+	u32 zero = 0, slot, hash;
 	int reason;
 
 	cfg = wg_config.lookup(&zero);
@@ -533,6 +572,7 @@ int wg_nexthop(struct __sk_buff *skb)
 	if (reason)
 		return verdict(skb, WG_QUEUE_CONTROL, reason);
 
+	hash = flow_hash(skb, &fib);
 	key_from_fib(&key, &fib);	/* the destination */
 	if (!(cfg->flags & WG_CFG_ALLOWEDIPS)) {
 		reason = nexthop_of(skb, &fib, &key, cfg->fib_flags);
@@ -544,5 +584,5 @@ int wg_nexthop(struct __sk_buff *skb)
 	slot = peer_of(&key);
 	if (!slot || slot > WG_SLOT_MAX)
 		return verdict(skb, WG_QUEUE_CONTROL, WG_CNT_NO_PEER);
-	return to_worker(skb, cfg, slot);
+	return to_worker(skb, cfg, slot, hash);
 }
