@@ -116,3 +116,39 @@ def pair(psk: bytes | None = None):
     a.add_peer(b, ["198.51.100.2/32", "2001:db8:100::2/128"], psk=psk)
     b.add_peer(a, ["198.51.100.1/32", "2001:db8:100::1/128"], endpoint=False, psk=psk)
     return clock, network, a, b
+
+
+# --- frames on the wgebpf TAP (wgebpf/dataplane/tun.py, "Peer tags") -------------------
+
+DEVICE_MAC = bytes.fromhex("5a0000c00201")      # a TAP's own address, as the kernel makes one
+VNET_HDR = bytes(10)                            # a plain struct virtio_net_hdr
+TAG_PREFIX = b"\x02\x77"
+
+
+def ethertype(packet: bytes) -> bytes:
+    return b"\x86\xdd" if packet and packet[0] >> 4 == 6 else b"\x08\x00"
+
+
+def tap_frame(packet: bytes, slot: int, mac: bytes = DEVICE_MAC) -> bytes:
+    """A frame as a worker reads it from its TAP queue: the tc classifier
+    wrote peer `slot`'s tag over the destination MAC; the source is the device."""
+    return VNET_HDR + TAG_PREFIX + struct.pack("!I", slot) + mac + ethertype(packet) + packet
+
+
+def frame_source(frame: bytes) -> int:
+    """The slot the source MAC of a frame a worker wrote names (-1: no tag)."""
+    src = frame[len(VNET_HDR) + 6:len(VNET_HDR) + 12]
+    return struct.unpack("!I", src[2:])[0] if src[:2] == TAG_PREFIX else -1
+
+
+def untag(frame: bytes, mac: bytes = DEVICE_MAC) -> tuple[int, bytes]:
+    """(slot, IP packet) of a plain frame a worker wrote, checking what the
+    kernel needs to take it as the device's own: a plain virtio header,
+    the device's MAC as destination, the packet's EtherType."""
+    n = len(VNET_HDR)
+    assert frame[:n] == VNET_HDR, frame[:n]
+    packet = frame[n + 14:]
+    assert frame[n:n + 6] == mac and frame[n + 12:n + 14] == ethertype(packet)
+    slot = frame_source(frame)
+    assert slot >= 0, frame[n + 6:n + 12]
+    return slot, packet

@@ -24,12 +24,13 @@ import time
 
 import pytest
 
-from memnet import Host, MemoryConn, MemoryNetwork, ipv4_packet, ipv6_packet
+from memnet import (DEVICE_MAC, Host, MemoryConn, MemoryNetwork, ipv4_packet, ipv6_packet,
+                    tap_frame, untag)
 from wgebpf.dataplane import channel, tcpgro
 from wgebpf.dataplane.commands import (Init, InstallKeypair, PeerAdd, PeerRemove, PeerTraffic,
                                        SendKeepalive, Stats, StatsRequest, ZeroKeys)
 from wgebpf.dataplane.pool import HINT_ROWS, MAX_BACKOFF, MAX_SLOTS, MIN_UPTIME, WorkerPool
-from wgebpf.dataplane.tun import ETH_P_IP, ETH_P_IPV6, tag
+from wgebpf.dataplane.tun import ETH_P_IP, tag
 from wgebpf.dataplane.worker import Worker
 from wgebpf.wireguard import counters
 from wgebpf.wireguard.device import Device, DeviceError
@@ -40,8 +41,7 @@ from wgebpf.wireguard.noise import Keypair
 from wgebpf.wireguard.scheduler import FakeClock
 
 A_ADDRESS = ("192.0.2.1", 51820)
-A_MAC = bytes.fromhex("5a0000c00201")        # the TAP's own address, as the kernel made it
-VNET = tcpgro.VNET_HDR_LEN
+A_MAC = DEVICE_MAC
 
 
 # --- doubles for what the kernel does in production ---------------------------------
@@ -76,26 +76,6 @@ class FakeClassifier:
         self.calls.append(("remove", slot))
 
 
-def kernel_frame(packet: bytes, slot: int) -> bytes:
-    """A frame as a worker reads it from its queue: the classifier wrote the
-    peer's tag over the destination MAC; the source is the device."""
-    kind = ETH_P_IPV6 if packet and packet[0] >> 4 == 6 else ETH_P_IP
-    return tcpgro.PLAIN_HDR + tag(slot) + A_MAC + kind + packet
-
-
-def parse_frame(frame: bytes) -> tuple[int, bytes]:
-    """(the slot its source MAC names, the IP packet) of a frame a worker
-    wrote; checks what the kernel needs to take it: a plain virtio header,
-    the device's MAC as destination, the EtherType of the packet."""
-    assert frame[:VNET] == tcpgro.PLAIN_HDR
-    dst, src, kind, packet = frame[VNET:VNET + 6], frame[VNET + 6:VNET + 12], \
-        frame[VNET + 12:VNET + 14], frame[VNET + 14:]
-    assert dst == A_MAC
-    assert kind == (ETH_P_IPV6 if packet[0] >> 4 == 6 else ETH_P_IP)
-    assert src[:2] == b"\x02\x77"
-    return struct.unpack("!I", src[2:])[0], packet
-
-
 class QueueTun:
     """The TAP's queues as datagram socketpairs: the pool hands `fds[k]` to
     worker k; the test reads and writes `ends[k]`, the kernel's side."""
@@ -117,7 +97,7 @@ class QueueTun:
         self.received.append((bytes(packet), queue))
 
     def to_worker(self, queue: int, packet: bytes, slot: int) -> None:
-        self.ends[queue].send(kernel_frame(packet, slot))
+        self.ends[queue].send(tap_frame(packet, slot))
 
     def frames(self, queue: int) -> list[bytes]:
         out = []
@@ -129,7 +109,7 @@ class QueueTun:
 
     def from_worker(self, queue: int) -> list[tuple[int, bytes]]:
         """(slot, packet) for each frame worker `queue` wrote."""
-        return [parse_frame(f) for f in self.frames(queue)]
+        return [untag(f) for f in self.frames(queue)]
 
     def from_workers(self) -> dict[int, list[tuple[int, bytes]]]:
         """What every worker wrote, by worker (those that wrote anything)."""
@@ -616,7 +596,7 @@ def test_packets_a_worker_receives_carry_the_peers_tag_as_source(h):
         index = h.workers[queue].by_slot[h.slot(host)].keypairs.current.local_index
         assert queue == h.steering.index[index]
         got += frames
-        assert frames == [(h.slot(host), packet)]   # parse_frame checked dst, EtherType
+        assert frames == [(h.slot(host), packet)]   # untag checked dst, EtherType
     assert [slot for slot, _ in got] == [1, 2, 1, 2]
     assert h.tun.frames(0) == [] and h.tun.received == []
 
@@ -638,8 +618,9 @@ def test_slots_are_reused_lowest_first_after_removal(h):
     for worker in h.workers.values():
         assert worker.by_slot[2].public_key == new.public_key
     packet = h.send_from(new)
-    assert [p for got in h.tun.from_workers().values() for p in got] == [(2, packet)]
-    assert h.send_to(new, queue=2) == new.tun.received[-1]
+    (receiver, got), = h.tun.from_workers().items()
+    assert got == [(2, packet)]
+    assert h.send_to(new, queue=receiver) == new.tun.received[-1]
 
 
 def test_slots_end_at_65535(h):
