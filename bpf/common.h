@@ -135,8 +135,8 @@ struct wg_route_seen {
 #define WG_CNT_FIB_ERROR	4	/* queue 0: bpf_fib_lookup returned -errno */
 #define WG_CNT_NO_QUEUE		5	/* queue 0: a peer owns the key but there is no
 					 * worker queue (config.queues <= 1) */
-#define WG_CNT_TAG_FAILED	6	/* queue 0: a peer owns the key but writing its tag
-					 * failed (bpf_skb_store_bytes: no memory) */
+#define WG_CNT_TAG_FAILED	6	/* queue 0: a peer owns the key but its tag could not
+					 * be written (no linear Ethernet header) */
 /* queue 0: bpf_fib_lookup returned WG_FIB_RET_x (x = 1..15), counted at
  * WG_CNT_FIB_RET_BASE + x. Only the codes nexthop.c treats as "no next hop"
  * are counted here; see its comment for each code. */

@@ -531,6 +531,25 @@ def test_a_flow_keeps_its_worker_and_flows_spread(dp):
     assert {q for q, _ in _flows(dp, "198.51.100.4", ports).values()} == {1, 2, 3}
 
 
+def test_tcp_segments_are_tagged(dp):
+    """TCP keeps a clone of each segment for retransmission: writing the tag
+    must not need (or break) it. A SYN and its retransmission both carry
+    the tag, on one worker's queue (the socket's own hash changes on the
+    retransmission: net.core.txrehash; the classifier's does not)."""
+    with socket.socket() as s:
+        s.setblocking(False)
+        s.connect_ex(("198.51.100.3", 80))
+        sport = s.getsockname()[1]
+
+        def syns(got):
+            return [(q, f) for q, f in got
+                    if f[12:14] == b"\x08\x00" and f[14 + 9] == 6
+                    and struct.unpack_from("!H", f, 34)[0] == sport]
+        got = syns(dp.frames(lambda g: len(syns(g)) >= 2, timeout=4))
+    assert {slot_of(f) for _, f in got} == {2}
+    assert len({q for q, _ in got}) == 1 and got[0][0] >= 1
+
+
 def test_fewer_workers_fewer_queues(dp):
     """set_queue_count(n): flows spread over queues 1..n-1 only."""
     dp.classifier.set_queue_count(2)
