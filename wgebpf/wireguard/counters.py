@@ -43,17 +43,20 @@ import struct
 from .messages import REJECT_AFTER_MESSAGES
 from .replay import COUNTER_WINDOW_SIZE
 
-__all__ = ["CounterHints", "SendCounter", "DEFAULT_BLOCK", "DEFAULT_BOUND",
+__all__ = ["CounterHints", "SendCounter", "DEFAULT_BOUND",
            "RANGE_SHIFT", "block_size"]
 
 # Receive steering (bpf/reuseport.c) sends 2**RANGE_SHIFT consecutive counters
 # to one worker. Blocks are whole multiples of that range, so one sender
 # block never splits a range.
 RANGE_SHIFT = 7
-# Half the receiver's window: the other half is left for reordering the
-# network and the receiving workers add on top of ours.
-DEFAULT_BOUND = COUNTER_WINDOW_SIZE // 2          # 4064
-DEFAULT_BLOCK = 256
+# A quarter of the receiver's window. The rest is for what comes on top of
+# our reordering: a fresh block starts up to W*B counters above the highest
+# (the next block of ours may be W-1 blocks on), so the network swapping two
+# messages across such a jump reorders them by up to W*B; with the default
+# block (block_size: W*B <= bound) a receiver sees at most about 2 * bound
+# plus one jump per reordered span of the network.
+DEFAULT_BOUND = COUNTER_WINDOW_SIZE // 4          # 2032
 
 _MAGIC = 0x57474354524E5431                       # "WGCTRNT1"
 _HEADER = struct.Struct("=QII")                   # magic, rows, workers
@@ -194,8 +197,10 @@ class SendCounter:
                  "_last", "_next", "_end", "seen", "abandoned")
 
     def __init__(self, hints: CounterHints, row: int, worker: int,
-                 block: int = DEFAULT_BLOCK, bound: int = DEFAULT_BOUND,
+                 block: int | None = None, bound: int = DEFAULT_BOUND,
                  limit: int = REJECT_AFTER_MESSAGES):
+        if block is None:
+            block = block_size(hints.workers, bound)
         if block < 1 or bound < block:
             # A fresh block may start up to block - 1 behind max(hints); a
             # bound below that would call it stale at once.
