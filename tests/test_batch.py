@@ -24,18 +24,19 @@ import types
 import pytest
 from hypothesis import given, strategies as st
 
-from memnet import Host, MemoryNetwork, ipv4_packet, ipv6_packet
+from memnet import (DEVICE_MAC, Host, MemoryNetwork, frame_source, ipv4_packet, ipv6_packet,
+                    tap_frame, untag)
 from wgebpf.dataplane import channel, tcpgro
 from wgebpf.dataplane import worker as worker_mod
 from wgebpf.dataplane.batch import MESSAGE_OVERHEAD, RECEIVE_CALLS, ReceiveBatch, SendBatch, _Run
-from wgebpf.dataplane.commands import Init, ReleasedIndices, TimerEvents
+from wgebpf.dataplane.commands import Init, InstallKeypair, PeerAdd, ReleasedIndices, TimerEvents
 from wgebpf.dataplane.tun import TUN_BATCH
 from wgebpf.dataplane.udp import (GSO_MAX_BYTES, GSO_MAX_SEGMENTS, SOL_UDP, UDP_GRO, UDP_SEGMENT,
                                   SegmentSender, enable_gro)
 from wgebpf.dataplane.worker import (AUTH_RECEIVED, AUTH_SENT, DATA_RECEIVED, DATA_SENT,
                                      EVENT_INTERVAL, STATS_INTERVAL, TRAVERSAL, EventRecorder,
                                      Worker, WorkerConn, WorkerTun)
-from wgebpf.wireguard import send
+from wgebpf.wireguard import counters, send
 from wgebpf.wireguard.messages import (DATA_HEADER, MESSAGE_DATA, MESSAGE_HANDSHAKE_INITIATION,
                                        REJECT_AFTER_MESSAGES, message_type)
 from wgebpf.wireguard.scheduler import FakeClock
@@ -338,15 +339,25 @@ MIXED = ([(1420, False)] * 5 + [(100, True)] + [(1420, True)] * 3 + [(60, False)
 MIXED_RUNS = [(6, FULL), (4, FULL), (2, 544), (2, 1344), (3, FULL)]
 
 
-def _sender(net: Net, kernel: Kernel, family: int, gro: bool, vnet_hdr: bool):
+SLOT_B = 7                               # A's slot for B: the tag on B's frames
+
+
+def by_slot(*peers) -> dict:
+    """The worker's peers by slot, as SendBatch.drain takes them."""
+    return {peer.queue: peer for peer in peers}
+
+
+def _sender(net: Net, kernel: Kernel, family: int, gro: bool):
     """A's side as a worker has it (device.conn is the WorkerConn), A's peer
-    B pointed at a loopback receiver; the SendBatch's send_run recorded."""
+    B (slot SLOT_B) pointed at a loopback receiver; the SendBatch's
+    send_run recorded."""
     conn = kernel.conn()
     net.a.device.conn = conn
     receiver = kernel.udp(family, gro=gro)
     peer = net.to_b(net.a)
+    peer.queue = SLOT_B
     peer.endpoint = address(receiver)
-    batch = SendBatch(MTU, conn, vnet_hdr)
+    batch = SendBatch(MTU, conn)
     runs = []
     real = conn.send_run
 
@@ -358,23 +369,23 @@ def _sender(net: Net, kernel: Kernel, family: int, gro: bool, vnet_hdr: bool):
     return conn, receiver, peer, batch, runs, ours, tun
 
 
-def _write_tun(tun: socket.socket, packets: list[bytes], vnet_hdr: bool) -> None:
+def _write_tun(tun: socket.socket, packets: list[bytes], slot: int = SLOT_B) -> None:
+    """Frames as the kernel queues them on the TAP: tagged with the peer's slot."""
     for p in packets:
-        tun.send((tcpgro.PLAIN_HDR + p) if vnet_hdr else p)
+        tun.send(tap_frame(p, slot))
 
 
-@pytest.mark.parametrize("vnet_hdr", [False, True], ids=["plain", "vnet"])
 @pytest.mark.parametrize("gro", [False, True], ids=["nogro", "gro"])
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
-def test_send_batch_seals_in_order_in_runs(kernel, family, gro, vnet_hdr):
+def test_send_batch_seals_in_order_in_runs(kernel, family, gro):
     net = Net()
-    conn, receiver, peer, batch, runs, ours, tun = _sender(net, kernel, family, gro, vnet_hdr)
+    conn, receiver, peer, batch, runs, ours, tun = _sender(net, kernel, family, gro)
     packets = [packet(1, size, v6, tag) for tag, (size, v6) in enumerate(MIXED)]
-    _write_tun(tun, packets, vnet_hdr)
+    _write_tun(tun, packets)
     keypair = peer.keypairs.current
     counter, tx_bytes, tx_packets = keypair.send_counter, peer.tx_bytes, peer.stats.tx_packets
 
-    batch.drain(net.a.device, peer, ours.fileno())
+    batch.drain(net.a.device, by_slot(peer), ours.fileno())
 
     assert runs == MIXED_RUNS
     datagrams, reads = receive_all(receiver, len(packets))
@@ -400,18 +411,18 @@ def test_send_batch_seals_in_order_in_runs(kernel, family, gro, vnet_hdr):
 
 def test_send_batch_caps_runs_and_respects_the_budget(kernel):
     net = Net()
-    conn, receiver, peer, batch, runs, ours, tun = _sender(net, kernel, socket.AF_INET, True, False)
+    conn, receiver, peer, batch, runs, ours, tun = _sender(net, kernel, socket.AF_INET, True)
     full = [packet(1, MTU, tag=i) for i in range(100)]
-    _write_tun(tun, full, False)
-    batch.drain(net.a.device, peer, ours.fileno())
+    _write_tun(tun, full)
+    batch.drain(net.a.device, by_slot(peer), ours.fileno())
     # One wake-up reads TUN_BATCH packets; 45 full messages fill 65507 bytes.
     assert TUN_BATCH == 64
     assert runs == [(45, FULL), (19, FULL)]
-    batch.drain(net.a.device, peer, ours.fileno())
+    batch.drain(net.a.device, by_slot(peer), ours.fileno())
     assert runs[2:] == [(36, FULL)]
     small = [packet(1, 20, tag=i) for i in range(100)]
-    _write_tun(tun, small, False)
-    batch.drain(net.a.device, peer, ours.fileno(), budget=200)
+    _write_tun(tun, small)
+    batch.drain(net.a.device, by_slot(peer), ours.fileno(), budget=200)
     assert runs[3:] == [(64, 64), (36, 64)]          # 64 segments at most
     datagrams, reads = receive_all(receiver, 200)
     assert len(datagrams) == 200
@@ -423,22 +434,109 @@ def test_send_batch_caps_runs_and_respects_the_budget(kernel):
 
 def test_send_batch_zero_length_read_is_a_keepalive(kernel):
     net = Net()
-    conn, receiver, peer, batch, runs, ours, tun = _sender(net, kernel, socket.AF_INET, False, False)
+    conn, receiver, peer, batch, runs, ours, tun = _sender(net, kernel, socket.AF_INET, False)
     seen = []
     peer.timers = types.SimpleNamespace(
         any_authenticated_packet_traversal=lambda: seen.append("traversal"),
         any_authenticated_packet_sent=lambda: seen.append("auth_sent"),
         data_sent=lambda: seen.append("data_sent"))
-    tun.send(b"")
-    batch.drain(net.a.device, peer, ours.fileno())
+    tun.send(tap_frame(b"", SLOT_B))                      # headers and no packet
+    batch.drain(net.a.device, by_slot(peer), ours.fileno())
     datagrams, _ = receive_all(receiver, 1)
     assert [len(d) for d in datagrams] == [MESSAGE_OVERHEAD]
     assert seen == ["traversal", "auth_sent"]              # no data_sent for an empty one
     seen.clear()
-    _write_tun(tun, [packet(1, 100), packet(1, 100)], False)
-    batch.drain(net.a.device, peer, ours.fileno())
+    _write_tun(tun, [packet(1, 100), packet(1, 100)])
+    batch.drain(net.a.device, by_slot(peer), ours.fileno())
     assert seen == ["traversal", "auth_sent", "data_sent"]  # once a batch, not per packet
 
+
+
+class TwoPeers:
+    """B's side as a worker has it, sending: B's peers A (slot 1) and C
+    (slot 2) each pointed at its own loopback receiver; every send_run
+    recorded as (slot, datagrams, segment size)."""
+
+    def __init__(self, net: Net, kernel: Kernel):
+        self.net = net
+        self.conn = kernel.conn()
+        net.b.device.conn = self.conn
+        self.peers = by_slot(net.on_b(net.a), net.on_b(net.c))
+        assert sorted(self.peers) == [1, 2]
+        self.receivers = {slot: kernel.udp() for slot in self.peers}
+        for slot, peer in self.peers.items():
+            peer.endpoint = address(self.receivers[slot])
+        self.batch = SendBatch(MTU, self.conn)
+        self.runs = []
+        real = self.conn.send_run
+
+        def send_run(sock, view, size, endpoint):
+            slot = next(s for s, p in self.peers.items() if p.endpoint == endpoint)
+            self.runs.append((slot, -(-len(view) // size), size))
+            real(sock, view, size, endpoint)
+        self.conn.send_run = send_run
+        self.ours, self.tun = kernel.queue()
+
+    def drain(self) -> None:
+        self.batch.drain(self.net.b.device, self.peers, self.ours.fileno())
+
+    def arrived(self, slot: int, host: Host, count: int) -> list[bytes]:
+        """What `count` data messages to the peer in `slot` open to at `host`
+        (the per-packet reference path); their counters checked consecutive
+        from the keypair's before the drain, their receiver index its own."""
+        got, _ = receive_all(self.receivers[slot], count)
+        assert len(got) == count and nothing_waits(self.receivers[slot])
+        keypair = self.peers[slot].keypairs.current
+        assert [DATA_HEADER.unpack_from(g)[1] for g in got] == [keypair.remote_index] * count
+        counters_seen = [counter_of(g) for g in got]
+        assert counters_seen == list(range(keypair.send_counter - count, keypair.send_counter))
+        host.tun.received.clear()
+        open_all(host.device, got, address(self.conn.sockets[0]))
+        assert not host.device.drops
+        return list(host.tun.received)
+
+
+def test_send_batch_seals_interleaved_peers_each_with_its_own_session(kernel):
+    """One queue carries every peer's frames: each is sealed with its
+    peer's keypair and sent to its endpoint, in order; a run ends where
+    the peer changes."""
+    net = Net()
+    s = TwoPeers(net, kernel)
+    order = [1, 1, 1, 2, 2, 1, 2, 1, 1]
+    frames = [(slot, packet(2, MTU if i % 4 else 300, tag=i)) for i, slot in enumerate(order)]
+    for slot, p in frames:
+        s.tun.send(tap_frame(p, slot))
+    s.drain()
+    small = MESSAGE_OVERHEAD + 304
+    # 300 then 1420 bytes: a longer message cannot join a run.
+    assert s.runs == [(1, 1, small), (1, 2, FULL), (2, 2, FULL), (1, 1, FULL), (2, 1, FULL),
+                      (1, 2, FULL)]
+    assert s.arrived(1, net.a, 6) == [p for slot, p in frames if slot == 1]
+    assert s.arrived(2, net.c, 3) == [p for slot, p in frames if slot == 2]
+    for slot, count in ((1, 6), (2, 3)):
+        assert s.peers[slot].stats.tx_packets >= count
+    assert not net.b.device.drops and read_queue(s.tun) == []
+
+
+def test_send_batch_drops_a_frame_of_an_unknown_slot_and_goes_on(kernel):
+    net = Net()
+    s = TwoPeers(net, kernel)
+    a1, a2, c1 = packet(2, 400, tag=1), packet(2, 400, tag=2), packet(2, 400, tag=3)
+    tx = {slot: peer.stats.tx_packets for slot, peer in s.peers.items()}
+    s.tun.send(tap_frame(a1, 1))
+    s.tun.send(tap_frame(packet(2, 400, tag=4), 9))              # a slot the worker lacks
+    s.tun.send(tap_frame(a2, 1))
+    # Not a tag at all (the device's own MAC): no peer either.
+    s.tun.send(tcpgro.PLAIN_HDR + DEVICE_MAC + DEVICE_MAC + b"\x08\x00" + packet(2, 400, tag=5))
+    s.tun.send(tap_frame(c1, 2))
+    s.drain()
+    assert net.b.device.drops == {"unknown_peer": 2}
+    assert all(not peer.drops for peer in s.peers.values())
+    assert [(slot, n) for slot, n, _ in s.runs] == [(1, 1), (1, 1), (2, 1)]
+    assert s.arrived(1, net.a, 2) == [a1, a2]
+    assert s.arrived(2, net.c, 1) == [c1]
+    assert {slot: peer.stats.tx_packets - tx[slot] for slot, peer in s.peers.items()} == \
+        {1: 2, 2: 1}
 
 # --- SegmentSender ------------------------------------------------------------------------
 
@@ -556,13 +654,14 @@ def test_send_without_a_session_stages_and_sends_nothing(kernel):
     receiver = kernel.udp()
     peer = net.a.add_peer(d, ["198.51.100.4/32"])
     peer.endpoint = address(receiver)
-    batch = SendBatch(MTU, conn, False)
+    peer.queue = 4
+    batch = SendBatch(MTU, conn)
     runs = []
     conn.send_run = lambda *args: runs.append(args)
     ours, tun = kernel.queue()
     packets = [packet(1, 100 + i, tag=i) for i in range(10)]
-    _write_tun(tun, packets, False)
-    batch.drain(net.a.device, peer, ours.fileno())
+    _write_tun(tun, packets, slot=4)
+    batch.drain(net.a.device, by_slot(peer), ours.fileno())
     assert runs == []
     assert list(peer.staged) == packets
     assert peer.stats.tx_packets == 0 and peer.tx_bytes == 0
@@ -575,12 +674,12 @@ def test_send_without_a_session_stages_and_sends_nothing(kernel):
 
 def test_send_with_staged_packets_goes_the_per_packet_path_in_order(kernel):
     net = Net()
-    conn, receiver, peer, batch, runs, ours, tun = _sender(net, kernel, socket.AF_INET, False, False)
+    conn, receiver, peer, batch, runs, ours, tun = _sender(net, kernel, socket.AF_INET, False)
     early = packet(1, 300, tag=999)
     peer.staged.append(early)
     packets = [packet(1, MTU, tag=i) for i in range(4)]
-    _write_tun(tun, packets, False)
-    batch.drain(net.a.device, peer, ours.fileno())
+    _write_tun(tun, packets)
+    batch.drain(net.a.device, by_slot(peer), ours.fileno())
     assert runs == [] and not peer.staged
     got, _ = receive_all(receiver, 5)
     open_all(net.b.device, got, address(conn.sockets[0]))
@@ -589,37 +688,53 @@ def test_send_with_staged_packets_goes_the_per_packet_path_in_order(kernel):
 
 def test_send_without_endpoint_drops(kernel):
     net = Net()
-    conn, receiver, peer, batch, runs, ours, tun = _sender(net, kernel, socket.AF_INET, False, False)
+    conn, receiver, peer, batch, runs, ours, tun = _sender(net, kernel, socket.AF_INET, False)
     peer.endpoint = None
-    _write_tun(tun, [packet(1, 100), packet(1, 200)], False)
-    batch.drain(net.a.device, peer, ours.fileno())
+    _write_tun(tun, [packet(1, 100), packet(1, 200)])
+    batch.drain(net.a.device, by_slot(peer), ours.fileno())
     assert runs == [] and not peer.staged
     assert net.a.device.drops["no_endpoint"] == 2
     assert nothing_waits(receiver)
 
 
-def test_keypair_used_up_mid_batch_stages_the_rest(kernel):
+@pytest.mark.parametrize("counters_from", ["keypair", "share"])
+def test_keypair_used_up_mid_batch_stages_the_rest(kernel, counters_from):
+    """take_counter raises KeypairExhausted on the 4th packet: the keypair's
+    own counter at REJECT_AFTER_MESSAGES, or (in a pool) the worker's share
+    of the counter space at its limit."""
     net = Net()
-    conn, receiver, peer, batch, runs, ours, tun = _sender(net, kernel, socket.AF_INET, False, False)
+    conn, receiver, peer, batch, runs, ours, tun = _sender(net, kernel, socket.AF_INET, False)
     keypair = peer.keypairs.current
-    keypair.send_counter = REJECT_AFTER_MESSAGES - 3
+    if counters_from == "keypair":
+        keypair.send_counter = first = REJECT_AFTER_MESSAGES - 3
+        last = REJECT_AFTER_MESSAGES
+    else:
+        hints = counters.CounterHints.in_process(1, 1)
+        first = 256                                # past what the session used already
+        hints.publish(0, 0, first)
+        keypair.share_counters(counters.SendCounter(hints, 0, 0, block=128, limit=first + 3))
+        last = first + 3
     tx_packets = peer.stats.tx_packets
     initiations = []
     net.a.device.actions.send_handshake_initiation = lambda p, retry: initiations.append(p)
     packets = [packet(1, MTU, tag=i) for i in range(8)]
-    _write_tun(tun, packets, False)
-    batch.drain(net.a.device, peer, ours.fileno())
+    _write_tun(tun, packets)
+    batch.drain(net.a.device, by_slot(peer), ours.fileno())
     assert runs == [(3, FULL)]
-    assert keypair.send_counter == REJECT_AFTER_MESSAGES
+    assert keypair.send_counter == last
     assert peer.stats.tx_packets - tx_packets == 3
     assert initiations and initiations[0] is peer
-    assert list(peer.staged) == packets[3:4]
-    # The rest waits in the queue; the next wake-up stages it all, sends nothing.
-    batch.drain(net.a.device, peer, ours.fileno())
-    assert list(peer.staged) == packets[3:]
-    assert runs == [(3, FULL)] and read_queue(tun) == []
+    # The rest of the batch is staged in order for the next session (the
+    # queue carries other peers' frames too: the drain goes on).
+    assert list(peer.staged) == packets[3:] and read_queue(tun) == []
+    # Later frames of the peer join them; nothing is sent.
+    later = [packet(1, 200, tag=8 + i) for i in range(2)]
+    _write_tun(tun, later)
+    batch.drain(net.a.device, by_slot(peer), ours.fileno())
+    assert list(peer.staged) == packets[3:] + later
+    assert runs == [(3, FULL)] and peer.stats.tx_packets - tx_packets == 3
     got, _ = receive_all(receiver, 3)
-    assert [counter_of(g) for g in got] == [REJECT_AFTER_MESSAGES - 3 + i for i in range(3)]
+    assert [counter_of(g) for g in got] == [first + i for i in range(3)]
     assert nothing_waits(receiver)
 
 
@@ -627,21 +742,17 @@ def test_keypair_used_up_mid_batch_stages_the_rest(kernel):
 
 class Receiver:
     """B's side as a worker has it: a ReceiveBatch on a loopback socket,
-    B's device.tun the WorkerTun whose queues 1 (A) and 2 (C) are socketpairs."""
+    B's device.tun the WorkerTun whose TAP queue is a socketpair; what it
+    writes is read back by the source tag: slot 1 is A, slot 2 is C."""
 
-    def __init__(self, net: Net, kernel: Kernel, vnet_hdr: bool, gro: bool = True,
-                 family=socket.AF_INET):
+    def __init__(self, net: Net, kernel: Kernel, gro: bool = True, family=socket.AF_INET):
         self.net = net
         self.sock = kernel.udp(family, gro=gro, cls=CountingSocket)
-        self.tun = WorkerTun(vnet_hdr)
-        self.queues = {}
-        for queue in (1, 2):
-            ours, kernel_side = kernel.queue()
-            self.tun.fds[queue] = ours.fileno()
-            self.queues[queue] = kernel_side
+        ours, self.queue = kernel.queue()
+        self.tun = WorkerTun(ours.fileno(), DEVICE_MAC)
+        self.backlog: list[bytes] = []               # frames read, not yet asked for
         net.b.device.tun = self.tun
-        self.batch = ReceiveBatch(MTU, self.tun, vnet_hdr)
-        self.vnet_hdr = vnet_hdr
+        self.batch = ReceiveBatch(MTU, self.tun)
         self.a_sock = kernel.udp(family)
         self.c_sock = kernel.udp(family)
         self.sent = 0
@@ -670,27 +781,29 @@ class Receiver:
         assert self.sock.datagrams == self.sent
         return calls
 
-    def written(self, queue: int) -> list[bytes]:
-        return read_queue(self.queues[queue])
+    def written(self, slot: int) -> list[bytes]:
+        """The frames written with peer `slot`'s tag as source, in order."""
+        self.backlog += read_queue(self.queue)
+        mine = [f for f in self.backlog if frame_source(f) == slot]
+        self.backlog = [f for f in self.backlog if frame_source(f) != slot]
+        return mine
 
-    def delivered(self, queue: int) -> list[bytes]:
-        """The packets written to a queue (virtio-net headers checked and
-        stripped, super-packets not expected here)."""
+    def delivered(self, slot: int) -> list[bytes]:
+        """The packets written for peer `slot` (plain frames: virtio and
+        Ethernet headers checked and stripped; super-packets not expected)."""
         out = []
-        for buf in self.written(queue):
-            if self.vnet_hdr:
-                assert buf[:tcpgro.VNET_HDR_LEN] == tcpgro.PLAIN_HDR
-                buf = buf[tcpgro.VNET_HDR_LEN:]
-            out.append(buf)
+        for frame in self.written(slot):
+            source, packet = untag(frame)
+            assert source == slot
+            out.append(packet)
         return out
 
 
-@pytest.mark.parametrize("vnet_hdr", [False, True], ids=["plain", "vnet"])
 @pytest.mark.parametrize("gro", [False, True], ids=["nogro", "gro"])
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
-def test_receive_batch_delivers_each_peer_in_order(kernel, family, gro, vnet_hdr):
+def test_receive_batch_delivers_each_peer_in_order(kernel, family, gro):
     net = Net()
-    r = Receiver(net, kernel, vnet_hdr, gro, family)
+    r = Receiver(net, kernel, gro, family)
     from_a = [packet(1, MTU, tag=i) for i in range(70)] + [packet(1, 333, v6=True, tag=70)]
     from_c = [packet(3, size, v6=bool(i % 2), tag=i) for i, size in enumerate((20, 600, 1420, 41))]
     a_msgs, c_msgs = net.seal(net.a, from_a), net.seal(net.c, from_c)
@@ -718,7 +831,7 @@ def test_receive_batch_delivers_each_peer_in_order(kernel, family, gro, vnet_hdr
 
 def test_receive_batch_arena_fills_and_flushes_in_order(kernel):
     net = Net()
-    r = Receiver(net, kernel, False)
+    r = Receiver(net, kernel)
     packets = [packet(1, 200, tag=i) for i in range(300)]
     r.send(r.a_sock, net.seal(net.a, packets), gso=True)
     calls = r.drain()
@@ -729,7 +842,7 @@ def test_receive_batch_arena_fills_and_flushes_in_order(kernel):
 
 def test_receive_batch_stops_after_receive_calls(kernel):
     net = Net()
-    r = Receiver(net, kernel, False, gro=False)
+    r = Receiver(net, kernel, gro=False)
     packets = [packet(1, 100, tag=i) for i in range(RECEIVE_CALLS + 4)]
     r.send(r.a_sock, net.seal(net.a, packets))
     wait_readable(r.sock)
@@ -742,7 +855,7 @@ def test_receive_batch_stops_after_receive_calls(kernel):
 
 def test_receive_batch_replay_tamper_unknown_keepalive_and_junk(kernel):
     net = Net()
-    r = Receiver(net, kernel, True)
+    r = Receiver(net, kernel)
     device, peer_a = net.b.device, net.on_b(net.a)
     a_packets = [packet(1, 500, tag=i) for i in range(6)]
     a_msgs = net.seal(net.a, a_packets)
@@ -777,7 +890,7 @@ def test_receive_batch_replay_tamper_unknown_keepalive_and_junk(kernel):
 @pytest.mark.parametrize("gro", [False, True], ids=["nogro", "gro"])
 def test_junk_inside_a_coalesced_read_disturbs_nothing(kernel, gro):
     net = Net()
-    r = Receiver(net, kernel, False, gro=gro)
+    r = Receiver(net, kernel, gro=gro)
     packets = [packet(1, MTU, tag=i) for i in range(6)]
     msgs = net.seal(net.a, packets)
     junk = [b"\xff" * FULL, b"\x05" + bytes(FULL - 1), b"\x04\x00\x00\x00" + os.urandom(FULL - 4)]
@@ -796,7 +909,7 @@ def test_junk_inside_a_coalesced_read_disturbs_nothing(kernel, gro):
 
 def test_a_message_too_large_for_a_slot_takes_the_per_packet_path_in_order(kernel):
     net = Net()
-    r = Receiver(net, kernel, True)
+    r = Receiver(net, kernel)
     big = packet(1, 1500, tag=1)                 # from a peer with a larger MTU
     packets = [packet(1, 200, tag=0), big, packet(1, 200, tag=2)]
     msgs = net.seal(net.a, packets)
@@ -827,9 +940,9 @@ def _tcp4(seq: int, payload: bytes, ident: int, flags: int = 0x10) -> bytes:
     return ip + tcp
 
 
-def test_tcp_segments_of_one_flow_arrive_coalesced_with_vnet_hdr(kernel):
+def test_tcp_segments_of_one_flow_arrive_coalesced_and_tagged(kernel):
     net = Net()
-    r = Receiver(net, kernel, True, gro=True)
+    r = Receiver(net, kernel, gro=True)
     payloads = [os.urandom(1000) for _ in range(8)]
     segments = [_tcp4(5000 + 1000 * i, p, 40 + i) for i, p in enumerate(payloads)]
     other = packet(1, 120, tag=9)                  # UDP: passes with a plain header
@@ -844,18 +957,36 @@ def test_tcp_segments_of_one_flow_arrive_coalesced_with_vnet_hdr(kernel):
     flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = struct.unpack_from(
         "=BBHHHH", written[0])
     assert (flags, gso_type) == (tcpgro.VIRTIO_NET_HDR_F_NEEDS_CSUM, tcpgro.VIRTIO_NET_HDR_GSO_TCPV4)
-    assert (hdr_len, gso_size, csum_start, csum_offset) == (40, 1000, 20, 16)
-    super_packet = written[0][tcpgro.VNET_HDR_LEN:]
+    # Offsets count from the frame's start: the Ethernet header's 14 bytes first.
+    assert (hdr_len, gso_size, csum_start, csum_offset) == (14 + 40, 1000, 14 + 20, 16)
+    ethernet = written[0][tcpgro.VNET_HDR_LEN:tcpgro.VNET_HDR_LEN + 14]
+    assert ethernet == DEVICE_MAC + b"\x02\x77\x00\x00\x00\x01" + b"\x08\x00"
+    super_packet = written[0][tcpgro.VNET_HDR_LEN + 14:]
     assert struct.unpack_from("!H", super_packet, 2)[0] == len(super_packet) == 40 + 8000
     assert struct.unpack_from("!I", super_packet, 24)[0] == 5000          # the first's seq
     assert super_packet[40:] == b"".join(payloads)
     assert super_packet[:20] != segments[0][:20]                          # lengths made new
-    assert written[1] == tcpgro.PLAIN_HDR + other
+    assert untag(written[1]) == (1, other)
+
+
+def test_small_ipv6_packets_are_written_with_the_ipv6_ethertype(kernel):
+    """An IPv6 packet shorter than a TCP header's worth (an empty UDP
+    datagram is 48 bytes, an ICMPv6 echo 48 and up) is still IPv6: written
+    with EtherType IPv4 the kernel would parse it as IPv4 and drop it."""
+    net = Net()
+    r = Receiver(net, kernel)
+    packets = [packet(1, size, v6=True, tag=size) for size in (48, 59, 60, 100)]
+    r.send(r.a_sock, net.seal(net.a, packets))
+    r.drain()
+    frames = r.written(1)
+    assert [f[tcpgro.VNET_HDR_LEN + 12:tcpgro.VNET_HDR_LEN + 14] for f in frames] == \
+        [b"\x86\xdd"] * 4
+    assert [untag(f) for f in frames] == [(1, p) for p in packets]
 
 
 def test_keepalive_delivers_nothing_but_counts(kernel):
     net = Net()
-    r = Receiver(net, kernel, False)
+    r = Receiver(net, kernel)
     peer = net.on_b(net.a)
     seen = []
     peer.timers = types.SimpleNamespace(
@@ -879,7 +1010,7 @@ def test_keepalive_delivers_nothing_but_counts(kernel):
 
 def test_an_empty_datagram_is_dropped_and_disturbs_nothing(kernel):
     net = Net()
-    r = Receiver(net, kernel, False, gro=True)
+    r = Receiver(net, kernel, gro=True)
     packets = [packet(1, 100, tag=i) for i in range(2)]
     msgs = net.seal(net.a, packets)
     r.send(r.a_sock, [msgs[0], b"", msgs[1]])
@@ -896,7 +1027,7 @@ _VALID_SIZES = [20, 100, 1420]
 
 def test_random_datagrams_never_disturb_valid_ones(kernel):
     net = Net()
-    r = Receiver(net, kernel, False, gro=True)
+    r = Receiver(net, kernel, gro=True)
     device = net.b.device
     index = net.on_b(net.a).keypairs.current.local_index
 
@@ -961,23 +1092,30 @@ def _make_worker(monkeypatch, kernel: Kernel):
     kernel.sockets.extend([control, theirs])
     theirs.setblocking(False)
     control.setblocking(False)
-    fds = []
+    ours, queue = kernel.queue()
+    fds = [os.dup(ours.fileno())]                  # its TAP queue first, then its sockets
     for family in (socket.AF_INET, socket.AF_INET6):
         sock = socket.socket(family, socket.SOCK_DGRAM)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((_loopback(family), 0))
         fds.append(sock.detach())
-    w = Worker(theirs, Init(1, "batchtest", MTU), fds)
+    w = Worker(theirs, Init(1, "batchtest", MTU, DEVICE_MAC), fds)
+    w.kernel_side = queue                          # the test's end of its queue
     kernel.sockets.extend(w.conn.sockets)
     return w, clock, control
+
+
+def _close_worker(w) -> None:
+    w.selector.close()
+    os.close(w.tun.fd)
 
 
 @pytest.fixture
 def worker_with_clock(monkeypatch, kernel):
     w, clock, control = _make_worker(monkeypatch, kernel)
     yield w, clock, control
-    w.selector.close()
+    _close_worker(w)
 
 
 def _messages(control: socket.socket) -> list:
@@ -1094,29 +1232,32 @@ def test_worker_timer_events_property(steps):
             times = [at for at, _ in loop.sent]
             assert all(t2 - t1 >= EVENT_INTERVAL - 1e-9 for t1, t2 in zip(times, times[1:]))
         finally:
-            w.selector.close()
+            _close_worker(w)
             kernel.close()
 
 
 def test_worker_batches_end_to_end(worker_with_clock, kernel):
-    """A real Worker owning peer B (a keypair restored from A's session) on
-    loopback sockets: its TUN queue read and sent, its socket read and written."""
-    from wgebpf.dataplane.commands import MovedKeypair, PeerAdd
+    """A real Worker serving peer B in slot 5 (a keypair restored from A's
+    session, as the control plane sends it) on loopback sockets: its TAP
+    queue read and sent, its socket read and written."""
     w, clock, control = worker_with_clock
     net = Net()
     b_sock = kernel.udp()
-    ours, tun = kernel.queue()
-    ours_fd = os.dup(ours.fileno())                       # the worker closes its own
-    w.on_peer_add(PeerAdd(5, net.b.public_key, address(b_sock),
-                          (MovedKeypair(net.to_b(net.a).keypairs.current.export(), "current"),)),
-                  [ours_fd])
+    tun = w.kernel_side
+    w.handle(PeerAdd(5, net.b.public_key, address(b_sock)), [])
+    w.handle(InstallKeypair(5, net.to_b(net.a).keypairs.current.export()), [])
+    # An initiator's keypair confirms itself with a keepalive at once.
+    keepalive, _ = receive_all(b_sock, 1)
+    assert [len(k) for k in keepalive] == [MESSAGE_OVERHEAD]
     packets = [packet(1, MTU, tag=i) for i in range(5)] + [packet(1, 90, tag=5)]
-    _write_tun(tun, packets, False)
-    w._drain_tun(5)
+    _write_tun(tun, packets, slot=5)
+    w._drain_tun()
     got, reads = receive_all(b_sock, len(packets))
     assert len(got) == len(packets)
-    open_all(net.b.device, got, address(w.conn.sockets[0]))
-    assert net.b.tun.received == packets
+    assert [counter_of(g) for g in keepalive + got] == \
+        list(range(counter_of(keepalive[0]), counter_of(keepalive[0]) + 7))
+    open_all(net.b.device, keepalive + got, address(w.conn.sockets[0]))
+    assert net.b.tun.received == packets and not net.b.device.drops
     # And back: B seals, the worker's socket receives, its queue gets them.
     replies = [packet(2, 300, tag=i) for i in range(3)]
     sent = []
@@ -1132,13 +1273,13 @@ def test_worker_batches_end_to_end(worker_with_clock, kernel):
     while len(out) < 3 and time.monotonic() < deadline:
         w.receiving.drain(w.device, w.conn.sockets[0])
         out += read_queue(tun)
-    assert out == replies
+    assert [untag(frame) for frame in out] == [(5, p) for p in replies]      # tagged as B's
     w.flush(force=True)
     events = [m for m in _messages(control) if isinstance(m, TimerEvents)]
     assert events == [TimerEvents({5: AUTH_SENT | DATA_SENT | TRAVERSAL | AUTH_RECEIVED
                                    | DATA_RECEIVED})]
     stats = w.stats()
-    assert stats.traffic_by_slot[5].tx_packets == 6 and stats.traffic_by_slot[5].rx_packets == 3
+    assert stats.traffic_by_slot[5].tx_packets == 7 and stats.traffic_by_slot[5].rx_packets == 3
 
 
 def test_a_deleted_tun_is_tun_gone_not_a_crash(monkeypatch):
@@ -1151,4 +1292,4 @@ def test_a_deleted_tun_is_tun_gone_not_a_crash(monkeypatch):
         raise OSError(_errno.EBADFD, "File descriptor in bad state")
     monkeypatch.setattr(os, "readv", readv)
     with pytest.raises(TunGone):
-        SendBatch(1420, conn=None, vnet_hdr=False).read(99)
+        SendBatch(1420, conn=None).read(99)
