@@ -65,6 +65,14 @@ class PurgeStaged:
 
 
 @dataclass(frozen=True, slots=True)
+class ConfirmKeypair:
+    """Another worker saw the peer's `next` session (index) confirmed by
+    data: make it current here too."""
+    slot: int
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
 class SetEndpoint:
     slot: int
     endpoint: Endpoint
@@ -89,8 +97,9 @@ class Stop:
 
 @dataclass(frozen=True, slots=True)
 class HandshakeConfirmed:
-    """A session this peer's initiator side made was confirmed by data."""
+    """A session the peer initiated (our `next`) was confirmed by data."""
     slot: int
+    index: int = 0                   # the session's receiver index
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +150,7 @@ class Stats:
     drops_by_slot: dict[int, dict[str, int]]
 
 
-TO_WORKER = (Init, PeerAdd, PeerRemove, InstallKeypair, SendKeepalive, ZeroKeys, PurgeStaged,
-             SetEndpoint, ReplaceSockets, StatsRequest, Stop)
+TO_WORKER = (Init, PeerAdd, PeerRemove, InstallKeypair, ConfirmKeypair, SendKeepalive, ZeroKeys,
+             PurgeStaged, SetEndpoint, ReplaceSockets, StatsRequest, Stop)
 TO_CONTROL = (HandshakeConfirmed, EndpointLearned, NeedHandshake, TimerEvents, ReleasedIndices,
               SocketsDone, Stats)

@@ -39,10 +39,10 @@ import sys
 import time
 
 from . import channel
-from .commands import (EndpointLearned, HandshakeConfirmed, Init, InstallKeypair, NeedHandshake,
-                       PeerAdd, PeerRemove, PurgeStaged, ReleasedIndices, ReplaceSockets,
-                       SendKeepalive, SetEndpoint, SocketsDone, Stats, StatsRequest, Stop,
-                       TimerEvents, ZeroKeys)
+from .commands import (ConfirmKeypair, EndpointLearned, HandshakeConfirmed, Init, InstallKeypair,
+                       NeedHandshake, PeerAdd, PeerRemove, PurgeStaged, ReleasedIndices,
+                       ReplaceSockets, SendKeepalive, SetEndpoint, SocketsDone, Stats,
+                       StatsRequest, Stop, TimerEvents, ZeroKeys)
 from ..kernel.bpfmaps import SLOT_MAX
 from ..wireguard import counters, send
 from ..wireguard.device import DeviceError
@@ -113,6 +113,7 @@ class WorkerPool:
         self.pushed: dict[int, set] = {}         # slot -> the allowed-ips last pushed to the kernel
         self.pushed_owner: dict = {}             # network -> the slot it was pushed for
         self.had_sessions: list = []             # peers to re-handshake after a worker restart
+        self.confirmed: dict[int, int] = {}      # slot -> index of its last confirmed session
         self.stopping = False
         self.launcher = launcher            # (its channel end) -> a Popen-like process
         # Uptime and restart back-off read the device's clock, so tests can
@@ -279,6 +280,7 @@ class WorkerPool:
         self._forget_sessions(peer)
         for worker in self.workers:
             worker.packets.pop(slot, None)
+        self.confirmed.pop(slot, None)
         heapq.heappush(self.free_slots, slot)
 
     # --- slot-keyed kernel state: the classifier's allowed-ips tries, the
@@ -431,9 +433,14 @@ class WorkerPool:
 
     def _on_confirmed(self, worker, message: HandshakeConfirmed) -> None:
         peer = self._peer(message.slot)
-        if peer is not None:
-            peer.stats.handshakes_completed += 1
-            peer.timers.handshake_complete()
+        if peer is None or self.confirmed.get(message.slot) == message.index:
+            return          # another worker saw the same session's first data too
+        self.confirmed[message.slot] = message.index
+        peer.stats.handshakes_completed += 1
+        peer.timers.handshake_complete()
+        for other in self.workers:
+            if other is not worker:
+                self._send(other, ConfirmKeypair(message.slot, message.index))
 
     def _on_endpoint(self, worker, message: EndpointLearned) -> None:
         peer = self._peer(message.slot)

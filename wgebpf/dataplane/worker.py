@@ -34,7 +34,8 @@ import sys
 import time
 
 from . import channel
-from .commands import (EndpointLearned, HandshakeConfirmed, Init, InstallKeypair, NeedHandshake,
+from .commands import (ConfirmKeypair, EndpointLearned, HandshakeConfirmed, Init, InstallKeypair,
+                       NeedHandshake,
                        PeerAdd, PeerRemove, PeerTraffic, PurgeStaged, ReleasedIndices,
                        ReplaceSockets, SendKeepalive, SetEndpoint, SocketsDone, Stats,
                        StatsRequest, Stop, TimerEvents, ZeroKeys)
@@ -93,7 +94,10 @@ class EventRecorder:
         self._flag(TRAVERSAL)
 
     def handshake_complete(self):
-        self.worker.outbox.append(HandshakeConfirmed(self.slot))
+        peer = self.worker.by_slot.get(self.slot)
+        current = peer.keypairs.current if peer is not None else None
+        index = current.local_index if current is not None else 0
+        self.worker.outbox.append(HandshakeConfirmed(self.slot, index))
 
     def stop(self):
         pass
@@ -245,6 +249,7 @@ class Worker:
             PeerAdd: self.on_peer_add,
             PeerRemove: self.on_peer_remove,
             InstallKeypair: self.on_keypair,
+            ConfirmKeypair: self.on_confirm,
             SendKeepalive: self.on_keepalive,
             ZeroKeys: self.on_zero,
             PurgeStaged: self.on_purge,
@@ -291,6 +296,17 @@ class Worker:
             row = keypair.local_index % self.hints.rows
             keypair.share_counters(counters.SendCounter(self.hints, row, self.id - 1, self.block))
         self.device.install_keypair(peer, keypair)
+
+    def on_confirm(self, message: ConfirmKeypair, fds) -> None:
+        """The session was confirmed on another worker; data may never reach
+        this one under it (receive steering), so it rotates here as well."""
+        peer = self.by_slot.get(message.slot)
+        pending = peer.keypairs.next if peer is not None else None
+        if pending is None or pending.local_index != message.index:
+            return
+        peer.keypairs.received_with(pending)
+        self.device.release_retired_keypairs(peer)
+        send.send_staged(self.device, peer)
 
     def on_keepalive(self, message: SendKeepalive, fds) -> None:
         peer = self.by_slot.get(message.slot)
