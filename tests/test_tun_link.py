@@ -22,7 +22,8 @@ import pytest
 from wgebpf.kernel import link
 from wgebpf.kernel.link import HookError, LinkError, RouteRecord
 from wgebpf.wireguard.icmp import checksum as _checksum
-from wgebpf.dataplane.tun import MAX_QUEUES, Tun, TunError
+from wgebpf.dataplane.tun import (ETH_HLEN, MAX_QUEUES, VNET_HDR_LEN, Tun, TunError,
+                                  slot_of, tag)
 
 from nsutil import BPF_PROG_TYPE_SOCKET_FILTER, fresh_netns, load_const_prog, sh as _sh  # noqa: F401
 
@@ -216,6 +217,123 @@ def test_steering_program_picks_the_queue(tun):
 
 
 # --- links ------------------------------------------------------------------------
+
+# --- the wgebpf TAP: queues are workers, peers are tags (tun.py, "Peer tags") -------------
+
+ETH_P_ALL = 0x0003
+PACKET_HOST = 0
+
+
+@pytest.fixture
+def tap(netns):
+    name = _ifname()
+    t = Tun.create(name, queues=3, vnet_hdr=True, tap=True)
+    link.configure(name, ADDRS, 1400)
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def _read_raw_udp(tap: Tun, timeout: float = 2.0) -> bytes:
+    """The first whole frame carrying UDP that arrives on any queue (others,
+    such as MLD reports, skipped)."""
+    poller = select.poll()
+    for fd in tap.fds:
+        poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        for fd, _ in poller.poll(left * 1000):
+            try:
+                frame = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if _is_udp(frame[VNET_HDR_LEN + ETH_HLEN:]):
+                return frame
+    raise AssertionError("no UDP frame arrived on the TAP")
+
+
+@pytest.mark.netns
+def test_tap_is_an_l3_link_with_its_own_mac(tap):
+    info = json.loads(_sh(f"ip -d -j link show dev {tap.name}"))[0]
+    assert info["linkinfo"]["info_kind"] == "tun"
+    data = info["linkinfo"]["info_data"]
+    assert (data["type"], data["vnet_hdr"], data["multi_queue"], data["numqueues"]) == \
+        ("tap", True, True, 3)
+    assert "NOARP" in info["flags"] and "UP" in info["flags"]
+    assert info["inet6_addr_gen_mode"] == "none"
+    assert tap.mac == bytes.fromhex(info["address"].replace(":", ""))
+    assert tap.mac != bytes(6) and not tap.mac[0] & 1             # a unicast address
+    # Up, yet no address of its own (no link-local): only the configured ones.
+    addresses = {a["local"] for a in _link_json(tap.name)["addr_info"]}
+    assert addresses == {"192.0.2.1", "2001:db8::1"}
+    # NOARP: the kernel resolves no neighbour on it, ever.
+    link.add_routes(tap.name, ["198.51.100.0/24"], "auto")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"x", ("198.51.100.9", 9))
+    _read_raw_udp(tap)
+    assert "198.51.100.9" not in _sh(f"ip neigh show dev {tap.name}")
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("dst", ["198.51.100.7", "2001:db8:1::7"])
+def test_tap_frames_go_to_the_devices_own_mac_and_read_strips_the_headers(tap, dst):
+    link.add_routes(tap.name, ["198.51.100.0/24", "2001:db8:1::/48"], "auto")
+    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_DGRAM) as s:
+        s.sendto(b"first", (dst, 9))
+        frame = _read_raw_udp(tap)
+        s.sendto(b"second", (dst, 9))
+        _, packet = _read_udp(tap)                   # Tun.read: the bare packet
+    # [virtio_net_hdr, all zeros: no offloads][dst = the device][src = the device][type]
+    ethertype = b"\x86\xdd" if fam == socket.AF_INET6 else b"\x08\x00"
+    assert frame[:VNET_HDR_LEN + ETH_HLEN] == bytes(VNET_HDR_LEN) + tap.mac + tap.mac + ethertype
+    assert _parse_udp(frame[VNET_HDR_LEN + ETH_HLEN:])[1:] == (dst, b"first")
+    assert packet[0] >> 4 == (6 if fam == socket.AF_INET6 else 4)
+    assert _parse_udp(packet)[1:] == (dst, b"second")
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("src, dst, queue, slot", [
+    ("192.0.2.2", "192.0.2.1", 1, 1),
+    ("2001:db8::2", "2001:db8::1", 2, 0x1234),
+    ("192.0.2.2", "192.0.2.1", 0, 0),            # the control plane's own: no peer
+])
+def test_tap_write_tags_the_source_and_the_kernel_delivers(tap, src, dst, queue, slot):
+    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    packet = None
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)) as sniffer, \
+            socket.socket(fam, socket.SOCK_DGRAM) as s:
+        sniffer.bind((tap.name, 0))
+        sniffer.settimeout(2)
+        s.bind((dst, 0))
+        s.settimeout(2)
+        port = s.getsockname()[1]
+        packet = _udp_packet(src, dst, 40000, port, b"from peer %d" % slot)
+        assert tap.link_header(packet, slot) == (bytes(VNET_HDR_LEN) + tap.mac + tag(slot)
+                                                 + (b"\x86\xdd" if fam == socket.AF_INET6
+                                                    else b"\x08\x00"))
+        assert tap.write(packet, queue, slot=slot) is True
+        data, addr = s.recvfrom(100)
+        # What tc ingress sees: the device's MAC as destination, the tag as source.
+        while True:
+            frame, info = sniffer.recvfrom(65536)
+            if info[2] == PACKET_HOST and frame[ETH_HLEN:] == packet:
+                break
+    assert data == b"from peer %d" % slot and addr[:2] == (src, 40000)
+    assert frame[:6] == tap.mac and frame[6:12] == tag(slot) and slot_of(frame[6:12]) == slot
+
+
+def test_tags_name_slots_big_endian():
+    assert tag(0) == b"\x02\x77\x00\x00\x00\x00"
+    assert tag(1) == b"\x02\x77\x00\x00\x00\x01"
+    assert tag(65535) == b"\x02\x77\x00\x00\xff\xff"
+    assert tag(0x01020304) == b"\x02\x77\x01\x02\x03\x04"
+    for slot in (1, 255, 256, 65535):
+        assert slot_of(tag(slot)) == slot
+    assert slot_of(bytes.fromhex("5a0000c00201")) == 0           # a MAC that is no tag
+    assert slot_of(bytes.fromhex("0277000000ff") + b"rest") == 255  # reads the first 6 bytes
+
 
 @pytest.mark.netns
 def test_link_exists_kind_and_remove(netns):
