@@ -2,26 +2,28 @@
 
 Topology (one namespace per test, the test's thread inside it):
 
-    crafted IPv4/IPv6 UDP packets, written to TUN queue s = what peer slot s's
-    worker would write after decryption (queue 0: the control plane's)
+    crafted IPv4/IPv6 UDP packets in Ethernet frames from MAC 02:77:<slot>
+    (the tag of peer slot s; 0: the control plane's), written to a worker's
+    TAP queue as a worker would after decryption
           |
-    TUN wgp...  198.51.100.1/24  2001:db8:100::1/64
-      clsact ingress: wg_policy (slot = queue_mapping - 1 -> its policy)
+    TAP wgp... (NOARP)  198.51.100.1/24  2001:db8:100::1/64
+      clsact ingress: wg_policy (slot = the source MAC's tag -> its policy)
       clsact egress:  wg_nexthop (the classifier; its maps are shared)
           |  kernel IP stack (rp_filter off: only our program filters)
           v
     UDP sockets of the test on 198.51.100.1:4000 and [2001:db8:100::1]:4000
 
 Peer slot s owns 198.51.100.(s+1)/32 and 2001:db8:100::(s+1)/128 (slots
-1..3). Each case writes a packet with a unique payload into a peer's queue,
-then a sentinel into queue 0 (never checked, and the TUN hands packets to
-the stack synchronously, in order), and reads what arrived before the
-sentinel: the packet was delivered or not. The per-slot counters must show
-the verdict's reason.
+1..3). Each case writes a packet with a unique payload as from a peer, then
+a sentinel from slot 0 into queue 0 (never checked, and the TAP hands
+frames to the stack synchronously, in order), and reads what arrived before
+the sentinel: the packet was delivered or not. The per-slot counters must
+show the verdict's reason.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import secrets
 import select
@@ -35,11 +37,10 @@ from wgebpf.kernel import tc
 from wgebpf.control.config import PEER_MARK_DEFAULT
 from wgebpf.kernel.nexthop import NextHopClassifier
 from wgebpf.kernel.policy import POLICIES, SourcePolicy, peer_mark
-from wgebpf.dataplane.tun import Tun
 
 pytestmark = pytest.mark.netns
 
-QUEUES = 4
+QUEUES = 4                      # queue 0 and three workers
 LOCAL4, LOCAL6 = "198.51.100.1", "2001:db8:100::1"
 PORT = 4000
 PEER_ADDRS = {1: ("198.51.100.2", "2001:db8:100::2"),
@@ -59,14 +60,15 @@ def udp_packet(source: str, destination: str, payload: bytes, sport: int = 5555,
 # -- namespace plumbing ------------------------------------------------------------
 
 from nsutil import fresh_netns, sh  # noqa: F401  (the netns fixture)
+from taputil import Tap
 
 
 class Ingress:
-    """TUN + classifier maps + source policy on ingress, peers 1..3."""
+    """TAP + classifier maps + source policy on ingress, peers 1..3."""
 
     def __init__(self, default: str = "allowedips", mark_mask: int = PEER_MARK_DEFAULT):
         self.name = f"wgp{secrets.token_hex(4)}"
-        self.tun = Tun.create(self.name, QUEUES)
+        self.tun = Tap(self.name, QUEUES)
         self.classifier = self.policy = None
         self.socks: dict[int, socket.socket] = {}
         try:
@@ -85,6 +87,8 @@ class Ingress:
             for slot, addrs in PEER_ADDRS.items():
                 self.classifier.set_peer(slot, [f"{addrs[0]}/32", f"{addrs[1]}/128"])
             self.policy = SourcePolicy(self.classifier, default, mark_mask=mark_mask)
+            for slot in PEER_ADDRS:     # as the pool does for each peer it adds
+                self.policy.set_peer(slot, None)
             self.policy.attach()
             for version, local in ((4, LOCAL4), (6, LOCAL6)):
                 s = socket.socket(socket.AF_INET if version == 4 else socket.AF_INET6,
@@ -104,17 +108,23 @@ class Ingress:
                 part.close()
         self.tun.close()
 
-    def write(self, queue: int, source: str, payload: bytes | None = None, **kw) -> bytes:
+    def write(self, slot: int, source: str, payload: bytes | None = None, *,
+              queue: int | None = None, src: bytes | None = None, **kw) -> bytes:
+        """A UDP packet from `source` as peer `slot`'s worker writes it: from
+        MAC tag(slot) (or `src`), on a worker's queue (or `queue`)."""
         payload = payload or b"wgebpf-" + secrets.token_hex(8).encode()
         local = LOCAL6 if ":" in source else LOCAL4
-        assert self.tun.write(udp_packet(source, local, payload, **kw), queue=queue)
+        if queue is None:
+            queue = 1 + slot % (QUEUES - 1) if slot else bpfmaps.QUEUE_CONTROL
+        packet = udp_packet(source, local, payload, **kw)
+        assert self.tun.write(queue, packet, src or bpfmaps.tag(slot))
         return payload
 
     def delivered(self, slot: int, source: str, **kw) -> bool:
-        """Write a packet from `source` into slot's queue: did it reach the socket?"""
+        """Write a packet from `source` as peer `slot`: did it reach the socket?"""
         version = 6 if ":" in source else 4
         payload = self.write(slot, source, **kw)
-        sentinel = self.write(bpfmaps.QUEUE_CONTROL, SENTINEL_SOURCE[version])
+        sentinel = self.write(0, SENTINEL_SOURCE[version])
         seen = self.receive(version, until=sentinel)
         return payload in seen
 
@@ -252,19 +262,74 @@ def test_allowed_ips_changes_follow_at_once(ing):
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_control_plane_queue_passes_untouched(ing, policy):
-    """Queue 0 carries the control plane's own packets (ICMP errors): no
-    check, no mark, counted in row 0."""
+    """Slot 0's tag marks the control plane's own packets (ICMP errors): no
+    check, no mark, counted in row 0, on any queue."""
     ing.policy.set_default(policy)
     before = ing.policy.counters().get(0, {}).get("accepted", 0)
     payload = ing.write(0, UNKNOWN[0])
+    other = ing.write(0, UNKNOWN[1], queue=2)
     sentinel = ing.write(0, SENTINEL_SOURCE[4])
     assert payload in ing.receive(4, until=sentinel)
-    assert ing.policy.counters()[0]["accepted"] == before + 2
+    assert other in ing.receive(6, until=ing.write(0, SENTINEL_SOURCE[6]))
+    assert ing.policy.counters()[0]["accepted"] == before + 4
+
+
+@pytest.mark.parametrize("src", [
+    "020000000001",         # locally administered, not ours
+    "0077000000 01",        # 00:77: not 02:77
+    "027700010000",         # 02:77 with slot 65536: beyond WG_SLOT_MAX
+    "027700000000",         # slot 0: the control plane's
+])
+def test_a_source_mac_that_is_no_peer_tag_is_no_peer(ing, src):
+    """Only 02:77:<slot 1..65535> names a peer; any other source MAC is
+    row 0 and passes unchecked, whatever queue it came in on (a spoofed
+    source that allowedips would drop from slot 1 is delivered)."""
+    before = ing.policy.counters()
+    assert ing.delivered(1, OTHER[0], src=bytes.fromhex(src.replace(" ", "")), queue=1)
+    after = ing.policy.counters()
+    assert after[0]["accepted"] == before.get(0, {}).get("accepted", 0) + 2   # + the sentinel
+    assert after.get(1, {}) == before.get(1, {})
+
+
+@pytest.mark.parametrize("slot", [256, 4660, 65535])
+def test_high_slots_are_attributed_by_their_tag(ing, slot):
+    """Slots beyond a byte come from the tag's 32-bit field, any worker queue."""
+    ing.classifier.set_peer(slot, ["203.0.113.0/24", "2001:db8:300::/64"])
+    ing.policy.set_peer(slot, None)
+    for queue in (1, 2, 3):
+        assert ing.verdict(slot, UNKNOWN[0], queue=queue) == (True, "accepted")
+        assert ing.verdict(slot, UNKNOWN[1], queue=queue) == (True, "accepted")
+        assert ing.verdict(slot, OTHER[0], queue=queue) == (False, "dropped_allowedips")
+    # another slot (e.g. a tag cut to a byte) does not own them
+    assert ing.verdict(1, UNKNOWN[0]) == (False, "dropped_allowedips")
+
+
+def test_the_worker_queue_does_not_matter(ing):
+    for queue in (0, 1, 2, 3):
+        assert ing.verdict(2, PEER_ADDRS[2][0], queue=queue) == (True, "accepted")
+        assert ing.verdict(2, PEER_ADDRS[1][0], queue=queue) == (False, "dropped_allowedips")
+
+
+def test_counter_rows_follow_the_peers(ing):
+    """wg_policy_cnt is a hash: a row per configured peer (and row 0), made
+    by set_peer, kept by set_peer again, gone with remove_peer. A slot with
+    no row is judged but not counted."""
+    table = ing.policy._counts
+    keys = lambda: sorted(int(k.value) for k in table.keys())      # noqa: E731
+    assert keys() == [0, 1, 2, 3]
+    ing.verdict(3, PEER_ADDRS[3][0])
+    ing.policy.set_peer(3, "off")               # a policy change keeps the counts
+    assert ing.policy.counters()[3]["accepted"] == 1
+    ing.policy.remove_peer(3)
+    assert keys() == [0, 1, 2]
+    assert ing.delivered(3, PEER_ADDRS[3][0])   # still judged (allowedips: its own source)
+    assert not ing.delivered(3, OTHER[0])
+    assert 3 not in ing.policy.counters() and keys() == [0, 1, 2]
 
 
 def test_truncated_packet_counts_as_not_ip(ing):
     before = ing.policy.counters().get(1, {}).get("not_ip", 0)
-    assert ing.tun.write(b"\x45\x00\x00\x14" + b"\x00" * 6, queue=1)     # 10 bytes of IPv4
+    assert ing.tun.write(1, b"\x45\x00\x00\x14" + b"\x00" * 6, bpfmaps.tag(1))   # 10 bytes of IPv4
     assert ing.policy.counters()[1]["not_ip"] == before + 1
 
 
@@ -337,6 +402,46 @@ def test_nftables_policy_sets_the_peer_mark(netns, mask, premark, slot, mark):
         ing.close()
 
 
+def test_nftables_refuses_and_drops_a_slot_beyond_the_mark(netns):
+    """An 8-bit PeerMark holds slots 1..255. The loader refuses a higher slot
+    on the nftables policy; should one come anyway, policy.c drops its
+    packets (unmarked, nftables would pass them)."""
+    ing = Ingress("nftables", mark_mask=0xFF000000)
+    try:
+        ing.classifier.set_peer(300, ["203.0.113.0/24"])
+        with pytest.raises(ValueError, match="does not fit PeerMark 0xff000000"):
+            ing.policy.set_peer(300, None)
+        ing.policy.set_peer(300, "off")
+        with pytest.raises(ValueError, match="holds slots up to 255"):
+            ing.policy.set_peer(300, "nftables")
+        ing.policy.set_default("nftables")          # fine: 300 has its own policy
+        ing.policy.set_default("off")
+        ing.policy.set_peer(300, None)
+        with pytest.raises(ValueError, match="300"):
+            ing.policy.set_default("nftables")      # now 300 would follow it
+        assert ing.policy.default == "off"
+        ing.classifier.update_config(policy=bpfmaps.POLICY_NFTABLES)   # behind its back
+        assert ing.verdict(300, UNKNOWN[0]) == (False, "dropped_peer_mark")
+        assert ing.verdict(1, PEER_ADDRS[1][0]) == (True, "marked")
+    finally:
+        ing.close()
+
+
+def test_a_16_bit_peer_mark_holds_every_slot(netns):
+    ing = Ingress("nftables", mark_mask=0xFFFF0000)
+    try:
+        ing.classifier.set_peer(65535, ["203.0.113.0/24"])
+        ing.policy.set_peer(65535, None)
+        assert peer_mark(65535, 0xFFFF0000) == 0xFFFF0000
+        sh("nft add table inet wgtest"
+           " && nft add chain inet wgtest pre '{ type filter hook prerouting priority -300; }'"
+           " && nft add rule inet wgtest pre meta mark 0xffff0000 counter comment top")
+        assert ing.verdict(65535, UNKNOWN[0]) == (True, "marked")
+        assert _nft_counters("wgtest") == {"top": 1}
+    finally:
+        ing.close()
+
+
 # -- attachment ---------------------------------------------------------------------
 
 
@@ -359,7 +464,7 @@ def test_attach_record_and_detach(ing):
 
 def test_policy_alone_takes_its_clsact_away(netns):
     name = f"wgp{secrets.token_hex(4)}"
-    with Tun.create(name, 2), NextHopClassifier(name, queues=2) as classifier:
+    with Tap(name, 2), NextHopClassifier(name, queues=2) as classifier:
         sh(f"ip link set {name} up")
         with SourcePolicy(classifier) as policy:
             assert policy.attach()["clsact"] is True
@@ -389,7 +494,7 @@ def test_cost_per_packet(ing, policy, source):
     with bpfmaps.enable_stats():
         a = bpfmaps.prog_info(ing.policy.prog_fd)
         for i in range(n):
-            ing.tun.write(packet, queue=1)
+            ing.tun.write(1 + i % (QUEUES - 1), packet, bpfmaps.tag(1))
             if i % 128 == 127:
                 _drain(ing.socks[version])
         b = bpfmaps.prog_info(ing.policy.prog_fd)

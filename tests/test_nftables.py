@@ -5,7 +5,7 @@ then the real thing in a namespace (nft only ever runs inside it): the
 Ingress topology of test_bpf_policy.py with every peer on the nftables
 policy, and the table installed for its TUN:
 
-    packet written to queue s --> tc ingress: wg_policy puts s in the mark
+    frame from tag s --> tc ingress: wg_policy puts s in the mark (PeerMark 0xffff0000)
         --> nftables prerouting: table inet wgebpf_<tun> drops a peer mark s
             whose source is not in @peer<s>_v4 / @peer<s>_v6 --> UDP socket
 """
@@ -92,14 +92,30 @@ def admin(ns: str, command: str) -> None:
     subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", command], check=True)
 
 
+def test_a_slot_beyond_the_mask_is_refused(netns):
+    """Slots run to 65535; a narrower PeerMark holds fewer, and set_peer
+    says so rather than cut the slot to another peer's mark."""
+    f = NftSourceFilter("wgx0", mark_mask=0xFF000000)
+    try:
+        f.install()
+        f.set_peer(255, ["203.0.113.0/24"])
+        with pytest.raises(ValueError, match="holds slots 1..255"):
+            f.set_peer(256, ["198.51.100.0/24"])
+        assert set(f.peers()) == {255}
+        wide = NftSourceFilter("wgx1")          # the default mask: 16 bits
+        assert wide.max_slot == 65535 and wide._mark(65535) == 0xFFFF0000
+    finally:
+        f.uninstall()
+
+
 @pytest.mark.netns
 def test_install_shows_in_the_ruleset(netns, nft):
     ing, f = nft
     text = ruleset(netns)
     assert f"table inet wgebpf_{ing.name} {{" in text and f.table_name == f"wgebpf_{ing.name}"
     assert "type filter hook prerouting priority mangle; policy accept;" in text
-    assert f'iifname "{ing.name}" meta mark 0x02000000/8 ip saddr != @peer2_v4' in text
-    assert f'iifname "{ing.name}" meta mark 0x02000000/8 ip6 saddr != @peer2_v6' in text
+    assert f'iifname "{ing.name}" meta mark 0x00020000/16 ip saddr != @peer2_v4' in text
+    assert f'iifname "{ing.name}" meta mark 0x00020000/16 ip6 saddr != @peer2_v6' in text
     assert 'comment "peer 2 xTIBA5rb: drop IPv4 sources not in @peer2_v4"' in text
     assert "fail closed" in text
     assert set_elements(netns, f.table_name, "peer2_v4") == ["198.51.100.3", "203.0.113.0/25"]
@@ -179,7 +195,7 @@ def test_comment_change_and_remove_peer(netns, nft):
     assert 'comment "peer 2 newkey: drop IPv4' in text and "xTIBA5rb" not in text
     f.remove_peer(SLOT)
     text = ruleset(netns)
-    assert "peer2_v4" not in text and "0x02000000" not in text
+    assert "peer2_v4" not in text and "0x00020000" not in text
     assert "the admin counts peer 2" not in text      # it named the set: gone with it
     assert "fail closed" in text
     assert not ing.delivered(SLOT, OWN4)              # no sets: fail closed

@@ -1,18 +1,18 @@
 """The nftables source policy's table: per-peer source sets the admin can read and edit.
 
 With `SourcePolicy = nftables`, policy.c only marks each received packet with
-its peer's slot (bits under PeerMark, default 0xff000000); this table does
+its peer's slot (bits under PeerMark, default 0xffff0000); this table does
 the filtering, where `nft list ruleset` shows it:
 
     table inet wgebpf_wg0 {
-        set peer_marks { type mark; elements = { 0x01000000, 0x02000000 } }
+        set peer_marks { type mark; elements = { 0x00010000, 0x00020000 } }
         set peer2_v4 { type ipv4_addr; flags interval; elements = { 198.51.100.3, 203.0.113.0/24 } }
         set peer2_v6 { type ipv6_addr; flags interval; elements = { 2001:db8:100::3 } }
         chain prerouting {
             type filter hook prerouting priority mangle; policy accept;
-            iifname "wg0" meta mark 0x02000000/8 ip saddr != @peer2_v4 counter drop comment "peer 2 xTIBA5rb: ..."
-            iifname "wg0" meta mark 0x02000000/8 ip6 saddr != @peer2_v6 counter drop comment "peer 2 xTIBA5rb: ..."
-            iifname "wg0" meta mark != 0x00000000/8 meta mark & 0xff000000 != @peer_marks counter drop comment "..."
+            iifname "wg0" meta mark 0x00020000/16 ip saddr != @peer2_v4 counter drop comment "peer 2 xTIBA5rb: ..."
+            iifname "wg0" meta mark 0x00020000/16 ip6 saddr != @peer2_v6 counter drop comment "peer 2 xTIBA5rb: ..."
+            iifname "wg0" meta mark != 0x00000000/16 meta mark & 0xffff0000 != @peer_marks counter drop comment "..."
         }
     }
 
@@ -35,8 +35,9 @@ The last rule fails closed: a packet carrying a peer mark for which this
 table has no rules (a peer the runtime has not added here yet) is dropped.
 Unmarked packets (peers with another policy, the control plane's own) pass.
 
-Peer slots go up to 65535, but a mask holds only the slots that fit its
-bits (8 bits, the default: 1..255): set_peer refuses the others, and
+Peer slots go up to 65535, which the default mask's 16 bits hold; a
+narrower mask holds only the slots that fit its bits (8 bits: 1..255):
+set_peer refuses the others, and
 policy.c drops their packets (dropped_peer_mark) rather than let them by
 unmarked, which this table would pass.
 
