@@ -267,15 +267,18 @@ struct wg_policy_counts {
  * position but "any of the first W workers", W in its low bits
  * (WG_RX_WORKERS_MASK; the loader stores the current worker count and
  * rewrites spread entries when it changes). A data message then goes to
- * position 1 + ((counter >> WG_RX_SPREAD_SHIFT) + index) % W, its counter
- * being the little-endian __u64 at WG_RX_COUNTER_OFFSET: every copy of a
- * counter meets the same worker and its replay window, and runs of
- * 2^WG_RX_SPREAD_SHIFT consecutive counters (128: a sender's GSO burst of
- * at most 64 crosses at most one run's end) stay on one worker. W = 0:
- * control plane. */
+ * position 1 + (mix(counter >> WG_RX_SPREAD_SHIFT) + index) % W, its
+ * counter being the little-endian __u64 at WG_RX_COUNTER_OFFSET and mix()
+ * the high half of the run number times WG_RX_MIX (Fibonacci hashing). Runs
+ * of 2^WG_RX_SPREAD_SHIFT consecutive counters (128: a sender's GSO burst
+ * of at most 64 crosses at most one run's end) stay on one worker. The
+ * workers share the keypair's replay window (wireguard/replay.py), since
+ * UDP GRO steers a merged burst by its first message. W = 0: control
+ * plane. */
 #define WG_RX_SPREAD		(1U << 16)
 #define WG_RX_WORKERS_MASK	0xffff
 #define WG_RX_SPREAD_SHIFT	7
 #define WG_RX_COUNTER_OFFSET	8
+#define WG_RX_MIX		0x9E3779B97F4A7C15ULL
 
 #endif /* WGEBPF_COMMON_H */

@@ -9,11 +9,18 @@
  * Return value: the position (join order) of the socket in the group.
  *   wg_rxindex[receiver index]   a data message (type 4) whose receiver
  *                                index a worker owns: that worker's socket
- *   1 + ((counter >> WG_RX_SPREAD_SHIFT) + index) % W
+ *   1 + (mix(counter >> WG_RX_SPREAD_SHIFT) + index) % W
  *                                a data message whose index is spread over
  *                                W workers (entry WG_RX_SPREAD | W): the
- *                                worker picked by its counter, so every copy
- *                                of one counter meets the same replay window
+ *                                worker picked by its counter's run of
+ *                                2^WG_RX_SPREAD_SHIFT, so one session's
+ *                                bursts spread over every worker. The
+ *                                workers share the session's replay window
+ *                                (wireguard/replay.py): with UDP GRO the
+ *                                kernel merges a burst before this program
+ *                                runs and steers it by its first message,
+ *                                so steering alone could not keep the copies
+ *                                of a counter together.
  *   WG_SOCKET_CONTROL (0)        everything else: handshake initiations and
  *                                responses, cookie replies, unknown indexes,
  *                                short or malformed messages. The control
@@ -37,8 +44,10 @@ static __always_inline u32 le32(u32 v)
 }
 
 /* The worker of a counter of a spread index: runs of 2^WG_RX_SPREAD_SHIFT
- * counters per worker, in turn, offset by the index so that keypairs do not
- * all start on worker 1. */
+ * counters per worker, the run number mixed (Fibonacci hashing) so that a
+ * sender whose counters come in blocks owned by one of its own workers
+ * (wireguard/counters.py: blocks k with k % W == w) still reaches every
+ * receiving worker, offset by the index so that keypairs differ. */
 static __always_inline u32 spread_position(struct __sk_buff *skb, u32 index, u32 entry)
 {
 	u64 counter;
@@ -51,7 +60,9 @@ static __always_inline u32 spread_position(struct __sk_buff *skb, u32 index, u32
 #if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
 	counter = __builtin_bswap64(counter);
 #endif
-	return 1 + (u32)(((counter >> WG_RX_SPREAD_SHIFT) + index) % workers);
+	u32 mixed = (u32)(((counter >> WG_RX_SPREAD_SHIFT) * WG_RX_MIX) >> 32);
+
+	return 1 + (u32)(((u64)mixed + index) % workers);
 }
 
 int wg_reuseport(struct __sk_buff *skb)

@@ -20,6 +20,8 @@ import struct
 
 import pytest
 
+from wgebpf.wireguard import counters
+
 from wgebpf.kernel import bpfmaps
 from wgebpf.kernel.reuseport import ReuseportSteering, owns, spread_position
 from wgebpf.kernel.xdp_guard import test_run
@@ -195,11 +197,26 @@ def test_run_agrees_with_the_python_mirror_on_many_counters(steering):
     assert test_run(steering.prog_fd, ethernet + data_with_counter(INDEX_W1, 999))[0] == 0
 
 
-def test_spread_runs_of_128_counters_take_turns():
-    assert [spread_position(c, 0, 3) for c in (0, 127, 128, 255, 256, 384)] == [1, 1, 2, 2, 3, 1]
-    assert spread_position(0, 1, 3) == 2              # the index shifts the start
+def test_spread_runs_of_128_counters_stay_together_and_reach_every_worker():
+    for run in range(50):
+        base = run * 128
+        assert len({spread_position(c, 0, 3) for c in (base, base + 1, base + 127)}) == 1
+    assert spread_position(0, 1, 3) == spread_position(0, 0, 3) % 3 + 1   # the index shifts it
     assert spread_position(5, 0, 0) == bpfmaps.SOCKET_CONTROL
-    assert owns(2, 128, 0, 3) and not owns(1, 128, 0, 3)
+    position = spread_position(128, 0, 3)
+    assert owns(position, 128, 0, 3) and not owns(position % 3 + 1, 128, 0, 3)
+
+
+@pytest.mark.parametrize("workers", [2, 4, 8])
+def test_spread_reaches_every_worker_from_one_sending_workers_blocks(workers):
+    """A wgebpf sender's worker w only uses counter blocks k with
+    k % W == w (wireguard/counters.py); the mixed run number still spreads
+    those over every receiving worker (a plain run number reached 1 of 8)."""
+    block = counters.block_size(workers)
+    for w in range(workers):
+        runs = {spread_position(k * block + offset, 12345, workers)
+                for k in range(w, 400 * workers, workers) for offset in (0, block - 1)}
+        assert runs == set(range(1, workers + 1)), (w, runs)
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])

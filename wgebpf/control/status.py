@@ -72,7 +72,7 @@ def collect(device, parts=None) -> dict:
 
 # The ingress program's verdicts that are drops; each is a "source_policy"
 # drop of its peer (fib_failed: no route back to the source; not_ip: junk).
-POLICY_DROPS = ("dropped_allowedips", "dropped_fib", "fib_failed", "not_ip")
+POLICY_DROPS = ("dropped_allowedips", "dropped_fib", "fib_failed", "not_ip", "dropped_peer_mark")
 
 
 def add_policy_counters(status: dict, device, policy, nft) -> None:

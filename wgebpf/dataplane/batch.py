@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 
 from ..wireguard import receive, send
 from ..wireguard.messages import AEAD_TAG_LEN, DATA_HEADER, MESSAGE_DATA_MIN_LEN
@@ -39,6 +40,7 @@ MESSAGE_OVERHEAD = DATA_HEADER.size + AEAD_TAG_LEN      # 32
 RECEIVE_CALLS = 16          # recvmsg calls a wake-up, before the other fds get a turn
 ARENA_SLOTS = 128           # decrypted packets held before they are written
 _DATA_PREFIX = b"\x04\x00\x00\x00"
+_COUNTER = struct.Struct("<Q")
 _ZEROS = bytes(64)
 
 
@@ -190,7 +192,12 @@ class ReceiveBatch:
         self._arena = memoryview(self.arena)
         self.used = 0
         self.pending: dict = {}                  # peer -> [plaintext views]
-        self.opened: dict = {}                   # keypair -> [peer, messages, bytes]
+        self.opened: dict = {}                   # keypair -> [peer, messages, bytes, data]
+        # keypair -> [(counter, its peer's pending list or None, position,
+        # size)]: messages of sessions whose replay window other workers
+        # share, opened but not yet recorded in it (settle).
+        self.deferred: dict = {}
+        self.holes = False                       # a rejected packet left None in pending
 
     def drain(self, device, sock: socket.socket) -> None:
         for _ in range(RECEIVE_CALLS):
@@ -222,40 +229,77 @@ class ReceiveBatch:
             self.flush()
         start = self.used * self.slot
         out = self._arena[start:start + length]
-        keypair = receive.open_into(device, message, out, now)
+        keypair = receive.open_into(device, message, out, now, accept=False)
         if keypair is None:
+            return
+        replay = keypair.replay
+        counter = _COUNTER.unpack_from(message, 8)[0]
+        if not replay.shared and not replay.accept(counter):
+            device.drop("replay", keypair.peer)
             return
         opened = self.opened.get(keypair)
         if opened is None:
-            opened = self.opened[keypair] = [keypair.peer, 0, 0, False]
+            opened = self.opened[keypair] = [keypair.peer, 0, 0, 0]
         opened[1] += 1
         opened[2] += len(message)
+        packets = None
         if length:
-            opened[3] = True
-            self._deliver(device, keypair.peer, out)
+            opened[3] += 1
+            packets = self._deliver(device, keypair.peer, out)
+        if replay.shared:
+            self.deferred.setdefault(keypair, []).append(
+                (counter, packets, len(packets) - 1 if packets else 0, len(message)))
 
-    def _deliver(self, device, peer, plaintext: memoryview) -> None:
+    def _deliver(self, device, peer, plaintext: memoryview) -> list | None:
+        """Queue the packet for the TAP; the peer's pending list it joined."""
         length = receive.inner_length(plaintext)
         if not length:
             device.drop("malformed_inner", peer)
-            return
+            return None
         self.used += 1
         packets = self.pending.get(peer)
         if packets is None:
-            self.pending[peer] = [plaintext[:length]]
+            packets = self.pending[peer] = [plaintext[:length]]
         else:
             packets.append(plaintext[:length])
+        return packets
+
+    def _settle(self, device) -> None:
+        """Record the deferred counters in their shared windows, one lock per
+        session and burst; a counter some worker already recorded is a
+        replay: its packet is taken back before anything sees it."""
+        for keypair, entries in self.deferred.items():
+            opened = self.opened[keypair]
+            replay = keypair.replay
+            with replay.locked():
+                rejected = [entry for entry in entries if not replay.accept(entry[0])]
+            for counter, packets, position, size in rejected:
+                device.drop("replay", keypair.peer)
+                opened[1] -= 1
+                opened[2] -= size
+                if packets is not None:
+                    packets[position] = None
+                    opened[3] -= 1
+                    self.holes = True
+        self.deferred.clear()
 
     def _authenticated(self, device, source: tuple, now: float) -> None:
         """Once per keypair and batch: what receive.authenticated changes."""
+        self._settle(device)
         for keypair, (peer, messages, size, data) in self.opened.items():
+            if not messages:
+                continue               # every one a replay: nothing authenticated
             receive.authenticated(device, peer, keypair, source, size, now, messages)
             if data:
                 peer.timers.data_received()
         self.opened.clear()
 
     def flush(self) -> None:
+        # _authenticated (and so _settle) always runs first: nothing deferred is left.
         for peer, packets in self.pending.items():
+            if self.holes:
+                packets = [packet for packet in packets if packet is not None]
             self.tun.write_many(packets, peer.queue)
         self.pending.clear()
+        self.holes = False
         self.used = 0

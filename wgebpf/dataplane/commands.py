@@ -27,7 +27,7 @@ class Init:
     mtu: int
     mac: bytes                      # the TAP's address: frames the worker writes go to it
     workers: int = 1                # how many workers share every peer's sessions
-    counter_hints: int = 0          # rows in the shared counter hints (fds[-1] when > 0)
+    shared: bool = False            # fds end with the counter hints and the replay windows
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,8 @@ from .commands import (ConfirmKeypair, EndpointLearned, HandshakeConfirmed, Init
                        StatsRequest, Stop, TimerEvents, ZeroKeys)
 from ..kernel.bpfmaps import SLOT_MAX
 from ..wireguard import counters, send
+from ..wireguard.messages import REJECT_AFTER_TIME
+from ..wireguard.replay import SharedReplayWindows
 from ..wireguard.device import DeviceError
 from .worker import (AUTH_RECEIVED, AUTH_SENT, DATA_RECEIVED, DATA_SENT, EVENT_ORDER,
                      TRAVERSAL)
@@ -56,6 +58,11 @@ MAX_SLOTS = SLOT_MAX     # peer slots 1..65535 (the tag and the kernel maps hold
 # keypairs than rows only share rows, which costs counters, never
 # uniqueness (counters.py). 8 bytes a row per worker.
 HINT_ROWS = 65536
+# Shared replay windows, one per live session (plus the ones resting until
+# no worker can use them: ReplayRows). 1040 bytes a row, in a sparse memfd:
+# only rows ever used take memory.
+REPLAY_ROWS = 65536
+ROW_REST_MARGIN = 5.0    # seconds on top of REJECT_AFTER_TIME before a row is reused
 ROUND_TRIP_TIMEOUT = 1.0
 MIN_UPTIME = 2.0         # a worker that dies sooner is restarted with back-off
 MAX_BACKOFF = 8.0
@@ -107,6 +114,10 @@ class WorkerPool:
         # Where the workers tell each other how far they got in each
         # keypair's counters (wireguard/counters.py); one worker needs none.
         self.hints = counters.CounterHints.create(HINT_ROWS, count) if count > 1 else None
+        # The replay windows of sessions every worker receives (replay.py).
+        self.windows = SharedReplayWindows.create(REPLAY_ROWS) if count > 1 else None
+        self.replay_rows = ReplayRows()
+        self.row_of_index: dict[int, int] = {}
         self.peer_by_slot: dict[int, object] = {}
         self.free_slots: list[int] = []          # a heap of slots given back, reused lowest first
         self.next_slot = 1
@@ -140,12 +151,11 @@ class WorkerPool:
         worker.process = self.launcher(theirs)
         worker.started = self.clock.monotonic()
         worker.control = ours
-        hints = [self.hints.fd] if self.hints is not None else []
+        shared = [self.hints.fd, self.windows.fd] if self.hints is not None else []
         channel.send(ours, Init(worker.position, self.device.name, self.device.mtu,
-                                self.tun.mac, len(self.workers),
-                                self.hints.rows if self.hints is not None else 0),
+                                self.tun.mac, len(self.workers), shared=bool(shared)),
                      [self.tun.fds[worker.position],
-                      *(s.fileno() for s in self.conn.position(worker.position)), *hints])
+                      *(s.fileno() for s in self.conn.position(worker.position)), *shared])
         ours.setblocking(False)
         if self.selector is not None:
             self.selector.register(ours, selectors.EVENT_READ, ("worker", worker))
@@ -235,6 +245,7 @@ class WorkerPool:
                 self.device.forget_index(index)
                 if self.reuseport is not None:
                     self.reuseport.remove_index(index)
+                self._release_row(index)
         return had
 
     # --- peers and slots ------------------------------------------------------------
@@ -339,27 +350,50 @@ class WorkerPool:
 
     # --- the hooks the protocol code calls -------------------------------------------
 
-    def receive_position(self, index: int) -> int:
-        """The worker socket that receives the data of session `index`."""
-        return 1 + index % len(self.workers)
-
     def install_keypair(self, peer, keypair) -> None:
         if peer.queue not in self.peer_by_slot:
             return
-        if self.reuseport is not None:
-            try:
-                self.reuseport.set_index(keypair.local_index,
-                                         self.receive_position(keypair.local_index))
-            except OSError as exc:
-                # A full map (E2BIG): the session could receive nothing, so
-                # it is not installed; the peer's next handshake tries again.
-                log.warning("%s: receive steering refused index %d (%s); session not installed",
-                            self.device.name, keypair.local_index, exc.strerror or exc)
-                self.device.drop("index_refused", peer)
-                keypair.zero()
-                return
-        self._to_all(InstallKeypair(peer.queue, keypair.export()))
+        state = keypair.export()
+        index = keypair.local_index
+        try:
+            if self.windows is not None:
+                state["replay_row"] = self._replay_row(index)
+            self._steer(index)
+        except OSError as exc:
+            # A full map (E2BIG) or no free replay row: the session could
+            # receive nothing, so it is not installed; the peer's next
+            # handshake tries again.
+            log.warning("%s: receive steering refused index %d (%s); session not installed",
+                        self.device.name, index, exc.strerror or exc)
+            self._release_row(index)
+            self.device.drop("index_refused", peer)
+            keypair.zero()
+            return
+        self._to_all(InstallKeypair(peer.queue, state))
         keypair.zero()      # the workers' copies are the only live ones
+
+    def _steer(self, index: int) -> None:
+        """Receive steering for session `index`: spread over every worker by
+        counter (they share its replay window), or to the only one."""
+        if self.reuseport is None:
+            return
+        if len(self.workers) > 1:
+            self.reuseport.set_spread(index, len(self.workers))
+        else:
+            self.reuseport.set_index(index, 1)
+
+    def _replay_row(self, index: int) -> int:
+        row = self.replay_rows.take(self.clock.monotonic())
+        if row is None:
+            raise OSError(errno.ENOSPC, "every shared replay window is in use")
+        self.windows.reset_row(row)
+        self.row_of_index[index] = row
+        return row
+
+    def _release_row(self, index: int) -> None:
+        row = self.row_of_index.pop(index, None)
+        if row is not None:
+            self.replay_rows.give_back(row, self.clock.monotonic())
 
     def send_keepalive(self, peer) -> None:
         # One worker is enough; which one does not matter, only that the
@@ -457,6 +491,7 @@ class WorkerPool:
                 self.device.forget_index(index)
             if self.reuseport is not None:
                 self.reuseport.remove_index(index)
+            self._release_row(index)
 
     def _on_sockets_done(self, worker, message: SocketsDone) -> None:
         pass
@@ -493,6 +528,33 @@ class WorkerPool:
                  "busy_seconds": w.busy_seconds, "queue_depth": w.queue_depth,
                  **dict(w.traffic), "alive": w.control is not None,
                  "packets_by_slot": dict(w.packets)} for w in self.workers]
+
+
+class ReplayRows:
+    """Rows of the shared replay windows: one per live session. A row given
+    back rests until no worker can accept data of the session that had it
+    (a keypair receives for REJECT_AFTER_TIME after its birth, which came
+    before the row was given back); reused last-in first-out, so the rows
+    ever touched stay few."""
+
+    def __init__(self, rows: int = REPLAY_ROWS):
+        self.rows = rows
+        self.next_row = 0
+        self.free: list[int] = []
+        self.resting: collections.deque = collections.deque()   # (free from, row)
+
+    def take(self, now: float) -> int | None:
+        while self.resting and self.resting[0][0] <= now:
+            self.free.append(self.resting.popleft()[1])
+        if self.free:
+            return self.free.pop()
+        if self.next_row < self.rows:
+            self.next_row += 1
+            return self.next_row - 1
+        return None
+
+    def give_back(self, row: int, now: float) -> None:
+        self.resting.append((now + REJECT_AFTER_TIME + ROW_REST_MARGIN, row))
 
 
 def _short(public_key: bytes) -> str:

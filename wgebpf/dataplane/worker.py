@@ -47,6 +47,7 @@ from ..wireguard import counters
 from .udp import SegmentSender, enable_gro
 from ..wireguard.device import Device, LocalDataplane
 from ..wireguard.noise import Keypair
+from ..wireguard.replay import SharedReplayWindows
 from ..wireguard.timers import Timing
 
 log = logging.getLogger("wgebpf")
@@ -217,10 +218,13 @@ class Worker:
         self.control = control
         self.id = init.worker_id
         tun_fd, socket_fds = fds[0], fds[1:]
-        self.hints = None
-        if init.counter_hints:
-            self.hints = counters.CounterHints.from_fd(socket_fds.pop())
-            os.close(fds[-1])
+        self.hints = self.windows = None
+        if init.shared:
+            windows_fd, hints_fd = socket_fds.pop(), socket_fds.pop()
+            self.hints = counters.CounterHints.from_fd(hints_fd)
+            self.windows = SharedReplayWindows.from_fd(windows_fd)
+            os.close(hints_fd)
+            os.close(windows_fd)
         self.workers = init.workers
         self.block = counters.block_size(init.workers)
         os.set_blocking(tun_fd, False)
@@ -289,6 +293,8 @@ class Worker:
         if peer is None:
             return
         keypair = Keypair.restore(message.state, peer)
+        if self.windows is not None and "replay_row" in message.state:
+            keypair.replay = self.windows.window(message.state["replay_row"])
         if self.hints is not None:
             # Its row in the hints: any will do, uniqueness does not depend
             # on it (counters.py); a row another keypair used only makes

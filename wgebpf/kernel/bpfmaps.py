@@ -221,6 +221,7 @@ RX_SPREAD = 1 << 16
 RX_WORKERS_MASK = 0xFFFF
 RX_SPREAD_SHIFT = 7
 RX_COUNTER_OFFSET = 8
+RX_MIX = 0x9E3779B97F4A7C15      # WG_RX_MIX: the run number's Fibonacci hash
 
 # The layouts common.h declares, by C name, for the agreement test.
 STRUCTS: dict[str, type[ctypes.Structure]] = {

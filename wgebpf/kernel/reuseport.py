@@ -13,13 +13,13 @@ right (both are the kernel's behaviour, not ours):
     a worker's socket closes, re-set the indexes of the one that moved.
 
 A receiver index may instead be spread (set_spread): its data messages go
-to the workers in turn by counter, spread_position() below, so one peer's
-traffic is opened by several workers while every copy of a counter still
-meets one replay window. A worker must then accept into its window only the
-counters that map to it (owns()): the kernel's UDP GRO can merge datagrams
-of several counter runs into one skb, which reaches the socket chosen for
-the first of them, and a replay of a later one, sent alone, would reach
-another worker whose window has not seen it.
+to the workers by their counter's run of 128, spread_position() below, so
+one peer's traffic is opened by several workers. Steering cannot keep the
+copies of one counter together: the kernel's UDP GRO merges datagrams of
+several runs into one skb, which reaches the socket chosen for the first
+of them, while a replay of a later one, sent alone, reaches another worker.
+So the workers of a spread session share its replay window
+(wireguard/replay.py, SharedReplayWindows).
 """
 
 from __future__ import annotations
@@ -93,13 +93,14 @@ def spread_position(counter: int, receiver_index: int, workers: int) -> int:
     index (the same formula; tests check they agree)."""
     if workers < 1:
         return m.SOCKET_CONTROL
-    return 1 + ((counter >> m.RX_SPREAD_SHIFT) + receiver_index) % workers
+    mixed = ((counter >> m.RX_SPREAD_SHIFT) * m.RX_MIX & 0xFFFFFFFFFFFFFFFF) >> 32
+    return 1 + (mixed + receiver_index) % workers
 
 
 def owns(position: int, counter: int, receiver_index: int, workers: int) -> bool:
-    """Whether the worker at `position` may record `counter` of a spread
-    index in its replay window: only the counters steering sends it. A
-    message that arrived anyway (merged by GRO behind another) must be
-    dropped, or handed to its owner: recording it here would let a replay
-    of it, steered to its owner, be accepted a second time."""
+    """Whether steering alone would send `counter` to the worker at
+    `position`. With UDP GRO it does not always (a merged burst follows its
+    first message), which is why the workers of a spread session share its
+    replay window (wireguard/replay.py) instead of keeping one each;
+    lab/spread.py shows the difference."""
     return spread_position(counter, receiver_index, workers) == position

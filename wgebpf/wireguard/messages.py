@@ -32,9 +32,9 @@ LABEL_COOKIE = b"cookie--"
 
 MAX_STAGED_PACKETS = 128          # per peer, while a handshake is under way
 # A bound on one Device's peer table. Not the limit of a running interface,
-# which is far lower: each peer needs a TUN queue of its own, so at most 255
-# (SLOT_MAX in wgebpf/kernel/bpfmaps.py; docs/platform-notes.md, item 2),
-# and the dataplane refuses the 256th peer when it is added.
+# which is lower: a peer's slot (its tag on the device's frames and its key
+# in the kernel maps) is 16 bits, so at most 65535 (SLOT_MAX in
+# wgebpf/kernel/bpfmaps.py), and the worker pool refuses the next one.
 MAX_PEERS = 1 << 20
 HANDSHAKES_PER_SECOND_UNDER_LOAD = 64  # above this the responder wants cookies
 UNDER_LOAD_AFTER = 1.0            # seconds "under load" lasts after the burst

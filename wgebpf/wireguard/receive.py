@@ -144,7 +144,9 @@ def handle_data(device, data: bytes, source: tuple) -> None:
     except InvalidTag:          # only a tag that does not verify; anything else is a bug
         device.drop("auth_failed", peer)
         return
-    if not keypair.replay.accept(counter):        # a racing duplicate
+    with keypair.replay.locked():
+        fresh = keypair.replay.accept(counter)
+    if not fresh:                                  # a racing duplicate
         device.drop("replay", peer)
         return
     authenticated(device, peer, keypair, source, len(data), now)
@@ -152,12 +154,15 @@ def handle_data(device, data: bytes, source: tuple) -> None:
         deliver(device, peer, plaintext)
 
 
-def open_into(device, message, out, now: float):
+def open_into(device, message, out, now: float, accept: bool = True):
     """The batched form of handle_data's checks and decryption: open the
     data message `message` (a well-formed one: type 4, at least 32 bytes)
     into `out`, exactly len(message) - 32 bytes long. Returns its keypair,
     or None when it was dropped (and counted). The caller then calls
-    authenticated() once per keypair and batch, and delivers."""
+    authenticated() once per keypair and batch, and delivers. With
+    accept=False the caller records the counter in the replay window
+    itself, after the tag verified (a window shared by workers: once per
+    burst, under its lock)."""
     _, receiver, counter = DATA_HEADER.unpack_from(message)
     entry = device.indices.get(receiver)
     keypair = entry[1] if entry is not None else None
@@ -176,7 +181,7 @@ def open_into(device, message, out, now: float):
     except InvalidTag:
         device.drop("auth_failed", entry[0])
         return None
-    if not keypair.replay.accept(counter):
+    if accept and not keypair.replay.accept(counter):
         device.drop("replay", entry[0])
         return None
     return keypair
