@@ -37,23 +37,38 @@ def _link_json(name: str) -> dict:
     return json.loads(_sh(f"ip -d -j addr show dev {name}"))[0]
 
 
-def _read_udp(tun: Tun, timeout: float = 2.0) -> tuple[int, bytes]:
-    """The first UDP packet that arrives on any queue, and its queue index.
-
-    Other packets (IPv6 router solicitations, MLD reports the kernel sends
-    when the link comes up) are skipped.
-    """
+def _first_from_queues(tun: Tun, take, timeout: float = 2.0):
+    """The first thing take(queue) returns (not None) as data arrives on any queue."""
     poller = select.poll()
     for fd in tun.fds:
         poller.register(fd, select.POLLIN)
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
         for fd, _ in poller.poll(left * 1000):
-            q = tun.fds.index(fd)
-            packet = tun.read(q)
-            if packet and _is_udp(packet):
-                return q, packet
-    raise AssertionError("no UDP packet arrived on the TUN")
+            got = take(tun.fds.index(fd))
+            if got is not None:
+                return got
+    raise AssertionError(f"no UDP packet arrived on {tun.name}")
+
+
+def _read_udp(tun: Tun, timeout: float = 2.0) -> tuple[int, bytes]:
+    """The first UDP packet that arrives on any queue, and its queue index.
+
+    Other packets (IPv6 router solicitations, MLD reports the kernel sends
+    when the link comes up) are skipped.
+    """
+    def take(q: int):
+        packet = tun.read(q)
+        return (q, packet) if packet and _is_udp(packet) else None
+    return _first_from_queues(tun, take, timeout)
+
+
+def _send_udp(dst: str, *payloads: bytes, port: int = 9) -> None:
+    """Datagrams from this namespace's stack to dst, one socket (one flow)."""
+    with socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET,
+                       socket.SOCK_DGRAM) as s:
+        for payload in payloads:
+            s.sendto(payload, (dst, port))
 
 
 def _is_udp(packet: bytes) -> bool:
@@ -175,9 +190,7 @@ def test_configure_addresses_mtu_up_forwarding(tun):
 @pytest.mark.parametrize("dst", ["198.51.100.7", "2001:db8:1::7"])
 def test_kernel_to_tun(tun, dst):
     link.add_routes(tun.name, ["198.51.100.0/24", "2001:db8:1::/48"], "auto")
-    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_DGRAM) as s:
-        s.sendto(b"through the tunnel", (dst, 9))
+    _send_udp(dst, b"through the tunnel")
     _, packet = _read_udp(tun)
     src, got_dst, payload = _parse_udp(packet)
     assert (got_dst, payload) == (dst, b"through the tunnel")
@@ -238,19 +251,13 @@ def tap(netns):
 def _read_raw_udp(tap: Tun, timeout: float = 2.0) -> bytes:
     """The first whole frame carrying UDP that arrives on any queue (others,
     such as MLD reports, skipped)."""
-    poller = select.poll()
-    for fd in tap.fds:
-        poller.register(fd, select.POLLIN)
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        for fd, _ in poller.poll(left * 1000):
-            try:
-                frame = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            if _is_udp(frame[VNET_HDR_LEN + ETH_HLEN:]):
-                return frame
-    raise AssertionError("no UDP frame arrived on the TAP")
+    def take(q: int):
+        try:
+            frame = os.read(tap.fds[q], 65536)
+        except BlockingIOError:
+            return None
+        return frame if _is_udp(frame[VNET_HDR_LEN + ETH_HLEN:]) else None
+    return _first_from_queues(tap, take, timeout)
 
 
 @pytest.mark.netns
@@ -269,8 +276,7 @@ def test_tap_is_an_l3_link_with_its_own_mac(tap):
     assert addresses == {"192.0.2.1", "2001:db8::1"}
     # NOARP: the kernel resolves no neighbour on it, ever.
     link.add_routes(tap.name, ["198.51.100.0/24"], "auto")
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.sendto(b"x", ("198.51.100.9", 9))
+    _send_udp("198.51.100.9", b"x")
     _read_raw_udp(tap)
     assert "198.51.100.9" not in _sh(f"ip neigh show dev {tap.name}")
 
@@ -279,17 +285,16 @@ def test_tap_is_an_l3_link_with_its_own_mac(tap):
 @pytest.mark.parametrize("dst", ["198.51.100.7", "2001:db8:1::7"])
 def test_tap_frames_go_to_the_devices_own_mac_and_read_strips_the_headers(tap, dst):
     link.add_routes(tap.name, ["198.51.100.0/24", "2001:db8:1::/48"], "auto")
-    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_DGRAM) as s:
-        s.sendto(b"first", (dst, 9))
-        frame = _read_raw_udp(tap)
-        s.sendto(b"second", (dst, 9))
-        _, packet = _read_udp(tap)                   # Tun.read: the bare packet
+    _send_udp(dst, b"first")
+    frame = _read_raw_udp(tap)
+    _send_udp(dst, b"second")
+    _, packet = _read_udp(tap)                       # Tun.read: the bare packet
+    v6 = ":" in dst
     # [virtio_net_hdr, all zeros: no offloads][dst = the device][src = the device][type]
-    ethertype = b"\x86\xdd" if fam == socket.AF_INET6 else b"\x08\x00"
+    ethertype = b"\x86\xdd" if v6 else b"\x08\x00"
     assert frame[:VNET_HDR_LEN + ETH_HLEN] == bytes(VNET_HDR_LEN) + tap.mac + tap.mac + ethertype
     assert _parse_udp(frame[VNET_HDR_LEN + ETH_HLEN:])[1:] == (dst, b"first")
-    assert packet[0] >> 4 == (6 if fam == socket.AF_INET6 else 4)
+    assert packet[0] >> 4 == (6 if v6 else 4)
     assert _parse_udp(packet)[1:] == (dst, b"second")
 
 
