@@ -32,6 +32,7 @@ from wgebpf.dataplane.commands import (Init, InstallKeypair, PeerAdd, PeerRemove
 from wgebpf.dataplane.pool import HINT_ROWS, MAX_BACKOFF, MAX_SLOTS, MIN_UPTIME, WorkerPool
 from wgebpf.dataplane.tun import ETH_P_IP, tag
 from wgebpf.dataplane.worker import Worker
+from wgebpf.kernel.reuseport import spread_position
 from wgebpf.wireguard import counters
 from wgebpf.wireguard.device import Device, DeviceError
 from wgebpf.wireguard.keys import generate_private_key, public_key
@@ -47,17 +48,31 @@ A_MAC = DEVICE_MAC
 # --- doubles for what the kernel does in production ---------------------------------
 
 class FakeSteering:
-    """The reuseport program's index map: receiver index -> socket position.
-    `full` makes it refuse new indices as the kernel map does (E2BIG)."""
+    """The reuseport program's index map: receiver index -> a socket
+    position, or ("spread", W): by counter over positions 1..W
+    (reuseport.spread_position, the program's formula). `full` makes it
+    refuse new indices as the kernel map does (E2BIG)."""
 
     def __init__(self):
-        self.index: dict[int, int] = {}
+        self.index: dict[int, object] = {}
         self.full = False
 
     def set_index(self, receiver_index: int, position: int) -> None:
+        self._set(receiver_index, position)
+
+    def set_spread(self, receiver_index: int, workers: int) -> None:
+        self._set(receiver_index, ("spread", workers))
+
+    def _set(self, receiver_index: int, entry) -> None:
         if self.full and receiver_index not in self.index:
             raise OSError(errno.E2BIG, os.strerror(errno.E2BIG))
-        self.index[receiver_index] = position
+        self.index[receiver_index] = entry
+
+    def position(self, receiver_index: int, counter: int) -> int:
+        entry = self.index.get(receiver_index, 0)
+        if isinstance(entry, tuple):
+            return spread_position(counter, receiver_index, entry[1])
+        return entry
 
     def remove_index(self, receiver_index: int) -> None:
         self.index.pop(receiver_index, None)
@@ -198,8 +213,9 @@ class Steered:
 
     def on_datagram(self, data: bytes, source: tuple) -> None:
         if message_type(data) == MESSAGE_DATA:
-            receiver = struct.unpack_from("<I", data, 4)[0]
-            position = self.harness.steering.index.get(receiver, 0)
+            _, receiver, counter = DATA_HEADER.unpack_from(data)
+            position = self.harness.steering.position(receiver, counter)
+            self.harness.steered.append(position)
             worker = self.harness.workers.get(position)
             if worker is not None:
                 worker._drain_control()
@@ -227,6 +243,7 @@ class Harness:
         self.workers: dict[int, RecordingWorker] = {}
         self.dead: list[RecordingWorker] = []
         self.sent_by: list[tuple[int, bytes, tuple]] = []   # (worker, datagram, endpoint)
+        self.steered: list[int] = []    # the position each data message to A was steered to
         self.pids = iter(range(1000, 100000))
         self.pool = WorkerPool(self.device, self.tun, self.conn, count, reuseport=self.steering,
                                classifier=self.classifier, launcher=self._launch)
@@ -445,8 +462,10 @@ def test_every_worker_gets_every_peer_and_every_keypair(h):
         same = ("sending_key", "receiving_key", "initiator", "remote_index", "send_counter")
         assert [installs[2][0].state[k] for k in same] == [installs[1][0].state[k] for k in same]
         assert installs[2][0].state["local_index"] == index
-        # Its data is steered to one worker, by index.
-        assert h.steering.index[index] == h.pool.receive_position(index) == 1 + index % 2
+        # Its data is spread over both workers by counter; they share its replay window.
+        assert h.steering.index[index] == ("spread", 2)
+        row = installs[1][0].state["replay_row"]
+        assert installs[2][0].state["replay_row"] == row
         for k, worker in h.workers.items():
             pairs = worker.by_slot[slot].keypairs
             held = [kp for kp in (pairs.current, pairs.next) if kp is not None]
@@ -457,6 +476,21 @@ def test_every_worker_gets_every_peer_and_every_keypair(h):
         # The control plane kept no usable copy of the session keys.
         _, pool_keypair = h.device.indices[index]
         assert not pool_keypair.valid
+
+
+def test_a_message_one_worker_accepted_is_a_replay_at_the_other(h):
+    """The workers of a spread session share its replay window: a message
+    that reaches another worker than the steering picked (UDP GRO steers a
+    merged burst by its first message) is still accepted only once."""
+    host = connected(h, 2)
+    data = [d for d, s, t in h.network.sent_log
+            if s == host.conn.address and message_type(d) == MESSAGE_DATA][-1]
+    first = h.steered[-1]
+    other = h.workers[3 - first]
+    before = other.device.drops["replay"]
+    other.device.on_datagram(data, host.conn.address)
+    assert other.device.drops["replay"] == before + 1
+    assert h.tun.from_workers() == {}
 
 
 def test_a_full_steering_map_refuses_the_session(h):
@@ -596,8 +630,7 @@ def test_packets_a_worker_receives_carry_the_peers_tag_as_source(h):
         written = h.tun.from_workers()
         assert len(written) == 1                   # the one worker its session is steered to
         (queue, frames), = written.items()
-        index = h.workers[queue].by_slot[h.slot(host)].keypairs.current.local_index
-        assert queue == h.steering.index[index]
+        assert queue == h.steered[-1]
         got += frames
         assert frames == [(h.slot(host), packet)]   # untag checked dst, EtherType
     assert [slot for slot, _ in got] == [1, 2, 1, 2]
@@ -690,10 +723,8 @@ def test_stats_add_up_across_workers(h):
     assert pc.stats.tx_packets - before["c"][0] == 1 and pc.stats.rx_packets == before["c"][1]
     sent_bytes = sum(len(d) for _, d, e in h.sent_by[since:] if e == b.conn.address)
     assert pb.tx_bytes - before["b"][2] == sent_bytes
-    index = h.workers[1].by_slot[pb.queue].keypairs.current.local_index
-    receiver = h.steering.index[index]
     tx = {1: 3, 2: 3}
-    rx = {1: 4 * (receiver == 1), 2: 4 * (receiver == 2)}
+    rx = {k: h.steered[-4:].count(k) for k in (1, 2)}           # B's four, by counter
     for k, handle in enumerate(h.pool.workers, 1):
         assert handle.traffic["tx_packets"] - traffic_before[k - 1]["tx_packets"] == tx[k]
         assert handle.traffic["rx_packets"] - traffic_before[k - 1]["rx_packets"] == rx[k]
