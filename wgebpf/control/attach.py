@@ -274,8 +274,10 @@ class Attachment:
 
     # --- the device's TUN ("tun" handed to Device: it writes decrypted packets) ---
 
-    def write(self, packet: bytes, queue: int = 0) -> None:
-        self.tun.write(packet, queue)
+    def write(self, packet: bytes, slot: int = 0) -> None:
+        # The control plane writes only its own packets (ICMP errors), on
+        # its own queue 0; `slot` tags them (0: no peer).
+        self.tun.write(packet, 0, slot)
 
     # --- run --------------------------------------------------------------------------------
 

@@ -265,7 +265,8 @@ def coalesce(packets, link: Link = NO_LINK) -> list:
                     continue
             _start(out, runs, key, pkt, n, h, True, plain6)
         else:
-            out.append(plain4 + pkt)       # not IP: the kernel drops it, as it would bare
+            # Too short for a TCP segment (or not IP: the kernel drops that).
+            out.append((plain6 if v == 6 else plain4) + pkt)
     return [r if r.__class__ is bytes else r.build(link) for r in out]
 
 

@@ -158,7 +158,8 @@ class Tun:
         self.vnet_hdr = vnet_hdr
         self.tap = tap
         self.mac = bytes(6)                   # a TAP's own address: frames written go to it
-        self._hdr = bytearray(VNET_HDR_LEN + (ETH_HLEN if tap else 0))   # readinto's headers
+        # readinto's landing place for the headers in front of each packet
+        self._hdr = bytearray((VNET_HDR_LEN if vnet_hdr else 0) + (ETH_HLEN if tap else 0))
 
     @classmethod
     def create(cls, name: str, queues: int = 1, vnet_hdr: bool = False,

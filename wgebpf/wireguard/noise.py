@@ -300,6 +300,7 @@ class Keypair:
 
     def can_send(self, now: float) -> bool:
         return (self.valid and self.send_counter < REJECT_AFTER_MESSAGES
+                and (self.share is None or self._next < self._end or not self.share.exhausted())
                 and now - self.birthdate < REJECT_AFTER_TIME)
 
     def can_receive(self, now: float) -> bool:
