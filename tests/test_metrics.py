@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from memnet import ipv4_packet, pair
 from wgebpf import __version__
 from wgebpf.control import status
-from wgebpf.control.metrics import (DROP_REASONS, PEER_DROP_REASONS, MetricsServer,
-                                    SnapshotCollector, parse_address)
+from wgebpf.control.metrics import (DROP_REASONS, PEER_DROP_REASONS, ZERO_SERIES_PEERS,
+                                    MetricsServer, SnapshotCollector, parse_address)
 
 KEY_B = base64.b64encode(bytes(range(32))).decode()
 KEY_C = base64.b64encode(bytes(range(1, 33))).decode()
@@ -315,6 +315,34 @@ def test_every_known_label_set_is_exported_from_the_start():
     peer_reasons = {dict(labels)["reason"] for name, labels in exposed
                     if name == "wgebpf_peer_dropped_packets_total"}
     assert peer_reasons == set(PEER_DROP_REASONS)
+
+
+def test_at_scale_per_peer_zeros_are_left_out_and_the_rest_stays():
+    """Above ZERO_SERIES_PEERS peers a scrape carries no per-peer series that
+    are 0 (drops by reason, next hops without traffic, source-policy
+    verdicts), keeps every peer's traffic and handshake series, and keeps
+    what is not 0."""
+    many = ZERO_SERIES_PEERS + 1
+    peers = {f"key{i}": {"slot": i + 1, "rx_bytes": 0, "drops": {},
+                         "allowed_ips": [f"2001:db8:100::{i:x}/128"]} for i in range(many)}
+    peers["key0"]["drops"] = {"replay": 3}
+    status = {"interface": "wg0", "drops": {}, "peers": peers, "workers": [],
+              "nexthops": {"2001:db8:100::1": {"packets": 7, "bytes": 700, "public_key": "key1"}},
+              "policy": {"1": {"accepted": 5, "dropped_allowedips": 0},
+                         "2": {"accepted": 0, "dropped_allowedips": 0}}}
+    exposed = samples(scrape(status))
+    drops = {(dict(labels)["public_key"], dict(labels)["reason"]): value
+             for (name, labels), value in exposed.items()
+             if name == "wgebpf_peer_dropped_packets_total"}
+    assert drops == {("key0", "replay"): 3}
+    nexthops = [labels for name, labels in exposed if name == "wgebpf_nexthop_packets_total"]
+    assert len(nexthops) == 1
+    verdicts = {dict(labels)["public_key"]: value for (name, labels), value in exposed.items()
+                if name == "wgebpf_source_policy_packets_total"}
+    assert verdicts == {"key0": 5}
+    received = [labels for name, labels in exposed
+                if name == "wgebpf_peer_received_bytes_total"]
+    assert len(received) == many
 
 
 def test_counted_next_hops_replace_their_zero():
