@@ -227,7 +227,7 @@ class Steered:
 class Harness:
     """Host A (a WorkerPool with `count` in-process workers) and its peers."""
 
-    def __init__(self, count: int = 2):
+    def __init__(self, count: int = 2, receive_spread: bool = True):
         self.clock = FakeClock(start=time.monotonic())   # keypair birthdates cross to workers
         self.network = MemoryNetwork()
         self.private_key = generate_private_key()
@@ -246,7 +246,8 @@ class Harness:
         self.steered: list[int] = []    # the position each data message to A was steered to
         self.pids = iter(range(1000, 100000))
         self.pool = WorkerPool(self.device, self.tun, self.conn, count, reuseport=self.steering,
-                               classifier=self.classifier, launcher=self._launch)
+                               classifier=self.classifier, launcher=self._launch,
+                               receive_spread=receive_spread)
         self.device.dataplane = self.pool
         self.pool.start()
         self.peers: dict[int, Host] = {}
@@ -442,6 +443,27 @@ def test_one_worker_gets_no_counter_hints():
         assert len(worker.init_fds) == 3              # its queue, its IPv4 and IPv6 sockets
         host = connected(h, 2)
         assert h.send_to(host) == host.tun.received[-1]
+    finally:
+        h.close()
+
+
+def test_without_receive_spread_each_session_is_received_by_one_worker():
+    """The default: a session's data all goes to one worker (1 + index % W),
+    so sessions, not counters, spread over the workers; every worker still
+    holds every peer and can send for it."""
+    h = Harness(2, receive_spread=False)
+    try:
+        hosts = [connected(h, n) for n in (2, 3, 4, 5)]
+        for host in hosts:
+            peer = h.peer(host)
+            [index] = [i for i, (owner, thing) in h.device.indices.items()
+                       if owner is peer and thing is not peer.handshake]
+            assert h.steering.index[index] == 1 + index % 2
+            before = len(h.steered)
+            for _ in range(5):
+                h.send_from(host)
+            assert set(h.steered[before:]) == {1 + index % 2}
+            assert h.send_to(host) == host.tun.received[-1]
     finally:
         h.close()
 

@@ -130,7 +130,8 @@ class Attachment:
         self.device.force_under_load = os.environ.get("WGEBPF_TEST_FORCE_UNDER_LOAD") == "1"
         self._guard_underlay()
         self.pool = WorkerPool(self.device, self.tun, self.conn, workers, self.classifier,
-                               self.reuseport, self.selector, self.policy, self._nft_filter)
+                               self.reuseport, self.selector, self.policy, self._nft_filter,
+                               receive_spread=iface.receive_spread)
         self.device.attach_dataplane(self.pool)
         configure_device(self.device, self.config)
         self.pool.policy_changed()

@@ -30,11 +30,12 @@ variables win over the file:
   Underlay        WGEBPF_UNDERLAY          an interface name (binds the sockets, guard there)
   PeerSelection   WGEBPF_PEER_SELECTION    nexthop | allowedips
   SourcePolicy    WGEBPF_SOURCE_POLICY     allowedips | fib | nftables | off
-  PeerMark        WGEBPF_PEER_MARK         mask, e.g. 0xff000000
+  PeerMark        WGEBPF_PEER_MARK         mask, e.g. 0xffff0000
   Workers         WGEBPF_WORKERS           1..256 | auto
   XDP             WGEBPF_XDP               auto | native | generic | off
   Metrics         WGEBPF_METRICS           ADDR:PORT | [v6]:PORT | :PORT
   MetricsCompat   WGEBPF_METRICS_COMPAT    true | false
+  ReceiveSpread   WGEBPF_RECEIVE_SPREAD    true | false
 
 Logs: in the background stdout and stderr go to /dev/null unless LOG_LEVEL
 is set (as wireguard-go) or WGEBPF_LOG_FILE names a file to append to.
@@ -75,6 +76,7 @@ SETTINGS = {
     "xdp": ("WGEBPF_XDP", None),
     "metrics": ("WGEBPF_METRICS", "metrics"),
     "metricscompat": ("WGEBPF_METRICS_COMPAT", "metrics_compat"),
+    "receivespread": ("WGEBPF_RECEIVE_SPREAD", "receive_spread"),
 }
 XDP_MODES = ("auto", "native", "generic", "off")
 
@@ -112,7 +114,7 @@ def read_settings_file(path: str) -> dict[str, tuple[str, str]]:
             shown = key[:24] if key.isalpha() else "(not a setting)"
             raise UsageError(f"{path}:{number}: unknown setting {shown!r} (known: "
                              f"Underlay, PeerSelection, SourcePolicy, PeerMark, Workers, XDP, "
-                             f"Metrics, MetricsCompat)")
+                             f"Metrics, MetricsCompat, ReceiveSpread)")
         out[key.lower()] = (value.strip(), f"{path}:{number}: {key}")
     return out
 

@@ -100,7 +100,8 @@ class WorkerHandle:
 
 class WorkerPool:
     def __init__(self, device, tun, conn, count: int, classifier=None, reuseport=None,
-                 selector=None, policy=None, nft_factory=None, launcher=launch_process):
+                 selector=None, policy=None, nft_factory=None, launcher=launch_process,
+                 receive_spread: bool = False):
         self.device = device
         self.tun = tun
         self.conn = conn
@@ -111,6 +112,7 @@ class WorkerPool:
         self.nft = None
         self.selector = selector
         self.workers = [WorkerHandle(k) for k in range(1, count + 1)]
+        self.receive_spread = receive_spread
         # Where the workers tell each other how far they got in each
         # keypair's counters (wireguard/counters.py); one worker needs none.
         self.hints = counters.CounterHints.create(HINT_ROWS, count) if count > 1 else None
@@ -372,15 +374,25 @@ class WorkerPool:
         self._to_all(InstallKeypair(peer.queue, state))
         keypair.zero()      # the workers' copies are the only live ones
 
+    def receive_position(self, index: int) -> int:
+        """The worker socket that receives all of session `index` when it is
+        not spread: sessions (and so peers) spread over the workers."""
+        return 1 + index % len(self.workers)
+
     def _steer(self, index: int) -> None:
-        """Receive steering for session `index`: spread over every worker by
-        counter (they share its replay window), or to the only one."""
+        """Receive steering for session `index`: with ReceiveSpread, over
+        every worker by counter (they share its replay window); otherwise
+        to one worker. Spreading lets one peer's receiving use every core,
+        but the workers deliver a flow's packets out of order where a
+        burst crosses from one worker to the next, and on two cores shared
+        by both ends the TCP receiver paid more for that than it gained
+        (README, Queues and workers), so it is off by default."""
         if self.reuseport is None:
             return
-        if len(self.workers) > 1:
+        if self.receive_spread and len(self.workers) > 1:
             self.reuseport.set_spread(index, len(self.workers))
         else:
-            self.reuseport.set_index(index, 1)
+            self.reuseport.set_index(index, self.receive_position(index))
 
     def _replay_row(self, index: int) -> int:
         row = self.replay_rows.take(self.clock.monotonic())
