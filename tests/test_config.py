@@ -349,7 +349,7 @@ ERRORS = [
     ("default peer mark vs fwmark, nftables peer",
      peer("SourcePolicy = nftables").replace("[Peer]", "FwMark = 0x80000000\n[Peer]"), 3,
      "FwMark", ["PeerMark 0xffff0000 shares bits 0x80000000", "the default"]),
-    ("workers zero", iface("Workers = 0"), 3, "Workers", ["'0'", "1..256"]),
+    ("workers zero", iface("Workers = 0"), 3, "Workers", ["'0'", "1..255"]),
     ("workers too many", iface("Workers = 257"), 3, "Workers", ["'257'"]),
     ("workers words", iface("Workers = many"), 3, "Workers", ["'many'"]),
     ("metrics port only", iface("Metrics = 9586"), 3, "Metrics", ["'9586'", "':9586'"]),
@@ -500,11 +500,11 @@ def test_parse_metrics():
 
 
 def test_valid_values_near_the_limits():
-    text = iface("MTU = 576\nListenPort = 65535\nWorkers = 256\nTable = 4294967295\n"
+    text = iface("MTU = 576\nListenPort = 65535\nWorkers = 255\nTable = 4294967295\n"
                  "Metrics = :9586\nFwMark = 0xffffffff")
     i = parse(text).interface
     assert (i.mtu, i.listen_port, i.workers, i.table, i.metrics, i.fwmark) == \
-        (576, 65535, 256, "4294967295", ":9586", 0xFFFFFFFF)
+        (576, 65535, 255, "4294967295", ":9586", 0xFFFFFFFF)
     assert parse(iface("MTU = 1280\nAddress = 2001:db8::1/64")).interface.mtu == 1280
 
 

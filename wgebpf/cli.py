@@ -263,7 +263,7 @@ def bench(
     check_output_dir(output)
     # bench checks each count; refuse first what would make its message huge.
     if not re.fullmatch(r"\s*[0-9]{1,3}\s*(,\s*[0-9]{1,3}\s*)*", workers):
-        fail(f"bench: --workers: expected counts like 1,2 (each 1..256), "
+        fail(f"bench: --workers: expected counts like 1,2 (each 1..255), "
              f"not {redact_keys(workers[:40])!r}", 2)
     if not re.fullmatch(r"\s*[a-z]{1,16}\s*(,\s*[a-z]{1,16}\s*)*", selections):
         fail(f"bench: --selections: expected modes like nexthop,allowedips, "

@@ -53,9 +53,9 @@ __all__ = ["ConfigError", "PeerConfig", "InterfaceConfig", "Config", "parse", "l
            "peer_mark_error", "peer_mark_conflict"]
 
 PEER_SELECTIONS = ("nexthop", "allowedips")
-# One TUN queue per peer and the kernel's limit of 256 queues per device
-# bound the useful number of workers.
-MAX_WORKERS = 256
+# A TAP queue per worker plus the control plane's queue 0, and the kernel's
+# limit of 256 queues per device.
+MAX_WORKERS = 255
 MTU_MIN_IPV4 = 576
 MTU_MIN_IPV6 = 1280   # RFC 8200: a link carrying IPv6 must take 1280 bytes
 MTU_MAX = 65535

@@ -31,7 +31,7 @@ variables win over the file:
   PeerSelection   WGEBPF_PEER_SELECTION    nexthop | allowedips
   SourcePolicy    WGEBPF_SOURCE_POLICY     allowedips | fib | nftables | off
   PeerMark        WGEBPF_PEER_MARK         mask, e.g. 0xffff0000
-  Workers         WGEBPF_WORKERS           1..256 | auto
+  Workers         WGEBPF_WORKERS           1..255 | auto
   XDP             WGEBPF_XDP               auto | native | generic | off
   Metrics         WGEBPF_METRICS           ADDR:PORT | [v6]:PORT | :PORT
   MetricsCompat   WGEBPF_METRICS_COMPAT    true | false

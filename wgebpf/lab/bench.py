@@ -193,8 +193,8 @@ def plan_setups(systems: list[str], workers: list[int], selections: list[str],
         if sel not in SELECTIONS:
             raise ValueError(f"unknown PeerSelection {sel!r} (known: {', '.join(SELECTIONS)})")
     for n in workers:
-        if not 1 <= n <= 256:
-            raise ValueError(f"Workers must be 1..256, not {n}")
+        if not 1 <= n <= 255:
+            raise ValueError(f"Workers must be 1..255, not {n}")
     if not systems:
         raise ValueError("no systems to compare")
     if any("wgebpf" in PAIRINGS[s] for s in systems) and not (workers and selections):
