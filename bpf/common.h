@@ -88,6 +88,10 @@ struct wg_config {
 /* Classic WireGuard rule: the destination itself is the key and no FIB
  * lookup is done. Without it the key is the route's next hop. */
 #define WG_CFG_ALLOWEDIPS	(1U << 0)
+/* A peer's flows spread over the workers by their flow hash (PeerSpread).
+ * Without it every packet of a peer goes to its one worker, 1 + (slot - 1)
+ * % W, the worker that also receives its sessions (dataplane/pool.py). */
+#define WG_CFG_SPREAD_FLOWS	(1U << 1)
 
 /* ---- Allowed-ips tries (key layout fixed by the kernel's LPM trie) ------- */
 struct wg_lpm_key4 {
@@ -269,7 +273,7 @@ struct wg_policy_counts {
  * rewrites spread entries when it changes). A data message then goes to
  * position 1 + (mix(counter >> WG_RX_SPREAD_SHIFT) + index) % W, its
  * counter being the little-endian __u64 at WG_RX_COUNTER_OFFSET and mix()
- * the high half of the run number times WG_RX_MIX (Fibonacci hashing). Runs
+ * the high half of the run number times the golden ratio (reuseport.c). Runs
  * of 2^WG_RX_SPREAD_SHIFT consecutive counters (128: a sender's GSO burst
  * of at most 64 crosses at most one run's end) stay on one worker. The
  * workers share the keypair's replay window (wireguard/replay.py), since
@@ -279,6 +283,5 @@ struct wg_policy_counts {
 #define WG_RX_WORKERS_MASK	0xffff
 #define WG_RX_SPREAD_SHIFT	7
 #define WG_RX_COUNTER_OFFSET	8
-#define WG_RX_MIX		0x9E3779B97F4A7C15ULL
 
 #endif /* WGEBPF_COMMON_H */

@@ -24,9 +24,10 @@
  *              kernel segments it later (validate_xmit_skb, the TAP offers
  *              no TSO/USO), copying the whole header block from the MAC
  *              header on, tag included, onto every segment.
- *   the queue  a worker's TAP queue, 1 + (flow hash % W) for W workers
- *              (wg_config.queues - 1), so a flow keeps its worker and its
- *              order (flow_hash); 0 (the control plane's) when no peer
+ *   the queue  a worker's TAP queue: the peer's own, 1 + (slot - 1) % W for
+ *              W workers (wg_config.queues - 1), or with WG_CFG_SPREAD_FLOWS
+ *              (PeerSpread) 1 + (flow hash % W), so a flow keeps its worker
+ *              and its order (flow_hash); 0 (the control plane's) when no peer
  *              takes it.
  *              It is left in skb->queue_mapping for tun_steer.c, which runs
  *              right after this program in the same __dev_queue_xmit() call
@@ -538,8 +539,9 @@ static __always_inline u32 flow_hash(struct wg_fib_lookup *fib)
 	return h;
 }
 
-/* Tag the packet with `slot` and pick a worker's queue by its flow hash:
- * a flow keeps its worker, so its packets stay in order. */
+/* Tag the packet with `slot` and pick a worker's queue: the peer's own
+ * worker, or with WG_CFG_SPREAD_FLOWS one by the flow hash (a flow keeps
+ * its worker, so its packets stay in order). */
 static __always_inline int to_worker(struct __sk_buff *skb, struct wg_config *cfg, u32 slot,
 				     u32 hash)
 {
@@ -551,6 +553,8 @@ static __always_inline int to_worker(struct __sk_buff *skb, struct wg_config *cf
 	reason = write_tag(skb, slot);
 	if (reason)
 		return verdict(skb, WG_QUEUE_CONTROL, reason);
+	if (!(cfg->flags & WG_CFG_SPREAD_FLOWS))
+		hash = slot - 1;
 	return verdict(skb, 1 + hash % workers, WG_CNT_PEER);
 }
 

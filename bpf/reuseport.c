@@ -32,6 +32,12 @@
 
 BPF_HASH(wg_rxindex, u32, u32, WG_RXINDEX_MAX);
 
+/* 2^64 / golden ratio: Fibonacci hashing of the counter's run number. Here,
+ * not in common.h: the layout test reads constants through 32-bit map
+ * sizes; wgebpf/kernel/reuseport.py mirrors it (RX_MIX), and a test runs
+ * this program against the mirror. */
+#define RX_MIX	0x9E3779B97F4A7C15ULL
+
 /* WireGuard's fields are little-endian on the wire; BPF loads are in the
  * host's order. */
 static __always_inline u32 le32(u32 v)
@@ -60,7 +66,7 @@ static __always_inline u32 spread_position(struct __sk_buff *skb, u32 index, u32
 #if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
 	counter = __builtin_bswap64(counter);
 #endif
-	u32 mixed = (u32)(((counter >> WG_RX_SPREAD_SHIFT) * WG_RX_MIX) >> 32);
+	u32 mixed = (u32)(((counter >> WG_RX_SPREAD_SHIFT) * RX_MIX) >> 32);
 
 	return 1 + (u32)(((u64)mixed + index) % workers);
 }

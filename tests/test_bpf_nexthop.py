@@ -519,8 +519,9 @@ def _flows(dp, dst: str, ports) -> dict[int, tuple[int, int]]:
 
 
 def test_a_flow_keeps_its_worker_and_flows_spread(dp):
-    """One peer, many flows: each flow's packets leave on one worker queue
-    (order kept), and the flows use every worker."""
+    """PeerSpread: one peer, many flows: each flow's packets leave on one
+    worker queue (order kept), and the flows use every worker."""
+    dp.classifier.set_spread(True)
     ports = range(42000, 42048)
     first = _flows(dp, "198.51.100.3", ports)
     assert {slot for _, slot in first.values()} == {2}
@@ -550,8 +551,17 @@ def test_tcp_segments_are_tagged(dp):
     assert len({q for q, _ in got}) == 1 and got[0][0] >= 1
 
 
+def test_without_peer_spread_a_peer_has_one_worker(dp):
+    """The default: every flow of a peer leaves on the peer's own worker,
+    1 + (slot - 1) % W, and peers spread over the workers."""
+    ports = range(42000, 42032)
+    assert {q for q, _ in _flows(dp, "198.51.100.3", ports).values()} == {1 + (2 - 1) % 3}
+    assert {q for q, _ in _flows(dp, "198.51.100.4", ports).values()} == {1 + (3 - 1) % 3}
+
+
 def test_fewer_workers_fewer_queues(dp):
     """set_queue_count(n): flows spread over queues 1..n-1 only."""
+    dp.classifier.set_spread(True)
     dp.classifier.set_queue_count(2)
     assert {q for q, _ in _flows(dp, "198.51.100.2", range(42100, 42116)).values()} == {1}
     dp.classifier.set_queue_count(3)

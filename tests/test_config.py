@@ -609,11 +609,11 @@ def test_peer_mark_conflict():
     assert "0x1000000" in config.peer_mark_conflict(0xFF000000, 0x01000001)
 
 
-def test_receive_spread_is_off_unless_asked_and_round_trips():
-    assert parse(HEAD).interface.receive_spread is False
-    cfg = parse(iface("ReceiveSpread = true"))
-    assert cfg.interface.receive_spread is True
-    assert "ReceiveSpread = true" in config.format_config(cfg)
+def test_peer_spread_is_off_unless_asked_and_round_trips():
+    assert parse(HEAD).interface.peer_spread is False
+    cfg = parse(iface("PeerSpread = true"))
+    assert cfg.interface.peer_spread is True
+    assert "PeerSpread = true" in config.format_config(cfg)
     with pytest.raises(ConfigError) as err:
-        parse(iface("ReceiveSpread = yes"))
-    assert "ReceiveSpread" in str(err.value) and "'true' or 'false'" in str(err.value)
+        parse(iface("PeerSpread = yes"))
+    assert "PeerSpread" in str(err.value) and "'true' or 'false'" in str(err.value)

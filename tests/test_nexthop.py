@@ -466,11 +466,11 @@ def counted_by_worker(status: dict) -> dict[int, dict[int, int]]:
 
 
 def test_two_workers_serve_four_peers_and_survive_a_killed_worker(hosts):
-    """Workers = 2: every worker serves every peer. Many flows to each peer
-    spread over both workers (the kernel's flow hash picks the queue); a
-    killed worker is restarted, the other keeps running, and since every
+    """Workers = 2, PeerSpread: every worker serves every peer. Many flows
+    to each peer spread over both workers (the flow hash picks the queue);
+    a killed worker is restarted, the other keeps running, and since every
     session had a share in the dead one, every peer re-handshakes."""
-    h = hosts("bcde", {"Workers": "2"})
+    h = hosts("bcde", {"Workers": "2", "PeerSpread": "true"})
     status = h.status()
     slot = {p: status["peers"][h.pub[p]]["slot"] for p in h.peers}
     assert sorted(slot.values()) == [1, 2, 3, 4], slot

@@ -1,16 +1,16 @@
 """One peer served by every worker, checked on the wire against wireguard-go.
 
 Issue 14's rules for a single peer over several workers, seen from outside
-the process: what A (wgebpf, Workers = 2) puts on the wire, and what it
-accepts from B (wireguard-go).
+the process: what A (wgebpf, Workers = 2, PeerSpread = true) puts on the
+wire, and what it accepts from B (wireguard-go).
 
   send     several flows to B leave through both workers: every data
            message's counter is new (none used twice, whichever worker
            sealed it), both workers' counter blocks appear, and how far a
            counter trails the highest one sent before it stays well inside
            the receiver's replay window (the figure is printed);
-  receive  with ReceiveSpread, B's flows to A are opened by both workers
-           (by counter run); every data message
+  receive  B's flows to A are opened by both workers (by counter run);
+           every data message
            B sent, replayed afterwards (each twice, back to back so GRO
            merges them), is refused as a replay, though the copies of a
            counter may reach another worker than the original did.
@@ -35,8 +35,7 @@ from wgebpf.wireguard.replay import COUNTER_WINDOW_SIZE
 
 pytestmark = pytest.mark.netns
 
-WORKERS = {"Workers": "2"}
-SPREAD = {"Workers": "2", "ReceiveSpread": "true"}
+SPREAD = {"Workers": "2", "PeerSpread": "true"}
 FLOWS = 16
 PACKETS_PER_FLOW = 250
 
@@ -119,7 +118,7 @@ def trailing(counters_in_order: list[int]) -> int:
 
 def test_one_peer_sends_through_every_worker_and_never_reuses_a_counter(make_pair, topo,
                                                                        tmp_path):
-    a, b = make_pair(a_extra=WORKERS)
+    a, b = make_pair(a_extra=SPREAD)
     topo.a.run(["ethtool", "-K", topo.underlay_a, "tx-udp-segmentation", "off"])
     capture = Capture(topo.a, topo.underlay_a, "out", tmp_path / "sent")
     topo.a.run([sys.executable, "-c", _FLOWS, netns.B_TUNNEL4, str(FLOWS),

@@ -83,6 +83,10 @@ class FakeClassifier:
 
     def __init__(self):
         self.calls: list[tuple] = []
+        self.spread = None
+
+    def set_spread(self, spread: bool) -> None:
+        self.spread = spread
 
     def set_peer(self, slot: int, networks) -> None:
         self.calls.append(("set", slot, sorted(map(str, networks))))
@@ -227,7 +231,7 @@ class Steered:
 class Harness:
     """Host A (a WorkerPool with `count` in-process workers) and its peers."""
 
-    def __init__(self, count: int = 2, receive_spread: bool = True):
+    def __init__(self, count: int = 2, peer_spread: bool = True):
         self.clock = FakeClock(start=time.monotonic())   # keypair birthdates cross to workers
         self.network = MemoryNetwork()
         self.private_key = generate_private_key()
@@ -247,7 +251,7 @@ class Harness:
         self.pids = iter(range(1000, 100000))
         self.pool = WorkerPool(self.device, self.tun, self.conn, count, reuseport=self.steering,
                                classifier=self.classifier, launcher=self._launch,
-                               receive_spread=receive_spread)
+                               peer_spread=peer_spread)
         self.device.dataplane = self.pool
         self.pool.start()
         self.peers: dict[int, Host] = {}
@@ -447,23 +451,29 @@ def test_one_worker_gets_no_counter_hints():
         h.close()
 
 
-def test_without_receive_spread_each_session_is_received_by_one_worker():
-    """The default: a session's data all goes to one worker (1 + index % W),
-    so sessions, not counters, spread over the workers; every worker still
-    holds every peer and can send for it."""
-    h = Harness(2, receive_spread=False)
+def test_without_peer_spread_a_peer_has_one_worker_both_ways():
+    """The default: the classifier queues all of a peer's packets to its own
+    worker (1 + (slot - 1) % W) and that worker receives its sessions, so
+    peers, not flows or counters, spread over the workers; every worker
+    still holds every peer (a move is a matter of steering)."""
+    h = Harness(2, peer_spread=False)
     try:
+        assert h.classifier.spread is False
+        assert h.pool.windows is None                  # no shared windows needed
         hosts = [connected(h, n) for n in (2, 3, 4, 5)]
         for host in hosts:
             peer = h.peer(host)
+            own = h.pool.worker_of(peer.queue)
+            assert own == 1 + (peer.queue - 1) % 2
             [index] = [i for i, (owner, thing) in h.device.indices.items()
                        if owner is peer and thing is not peer.handshake]
-            assert h.steering.index[index] == 1 + index % 2
+            assert h.steering.index[index] == own
             before = len(h.steered)
             for _ in range(5):
                 h.send_from(host)
-            assert set(h.steered[before:]) == {1 + index % 2}
-            assert h.send_to(host) == host.tun.received[-1]
+            assert set(h.steered[before:]) == {own}
+            assert h.send_to(host, queue=own) == host.tun.received[-1]
+        assert {h.pool.worker_of(h.peer(host).queue) for host in hosts} == {1, 2}
     finally:
         h.close()
 
@@ -551,7 +561,7 @@ def test_commands_for_a_peer_go_to_every_worker_and_a_keepalive_to_one():
             h.pool.send_keepalive(peer)
             h.pump()
             got = {k: len(w.of(SendKeepalive)) - before[k] for k, w in h.workers.items()}
-            chosen = h.pool.workers[peer.queue % 3].position
+            chosen = h.pool.worker_of(peer.queue)            # the peer's own worker
             assert got == {k: int(k == chosen) for k in (1, 2, 3)}
             # The keepalive left, sealed by that worker.
             assert data_counters(h)[-1][0] == chosen

@@ -131,7 +131,7 @@ class Attachment:
         self._guard_underlay()
         self.pool = WorkerPool(self.device, self.tun, self.conn, workers, self.classifier,
                                self.reuseport, self.selector, self.policy, self._nft_filter,
-                               receive_spread=iface.receive_spread)
+                               peer_spread=iface.peer_spread)
         self.device.attach_dataplane(self.pool)
         configure_device(self.device, self.config)
         self.pool.policy_changed()

@@ -12,7 +12,7 @@ mistakes and would otherwise be silently "last one wins": a second
 key given twice in one section.
 
 wgebpf adds its own [Interface] keys: PeerSelection, SourcePolicy, PeerMark,
-Workers, ReceiveSpread, Metrics and MetricsCompat; and a per-peer
+Workers, PeerSpread, Metrics and MetricsCompat; and a per-peer
 SourcePolicy override in [Peer].
 
 PeerMark is the mask of skb->mark bits where the nftables source policy puts
@@ -130,7 +130,7 @@ class InterfaceConfig:
     workers: int | None = None                  # None = one per CPU
     metrics: str | None = None                  # 'ADDR:PORT' / '[v6]:PORT' / ':PORT'
     metrics_compat: bool = False                # also the wireguard_* names
-    receive_spread: bool = False                # every worker opens every session's data
+    peer_spread: bool = False                   # one peer's flows and data over every worker
 
     @property
     def public_key(self) -> bytes:
@@ -497,7 +497,7 @@ _INTERFACE_KEYS = [
     _Key("Workers", "workers", _workers),
     _Key("Metrics", "metrics", _metrics),
     _Key("MetricsCompat", "metrics_compat", _bool),
-    _Key("ReceiveSpread", "receive_spread", _bool),
+    _Key("PeerSpread", "peer_spread", _bool),
 ]
 
 _PEER_KEYS = [
@@ -828,8 +828,8 @@ def format_config(cfg: Config) -> str:
         out.append(f"Metrics = {i.metrics}")
     if i.metrics_compat:
         out.append("MetricsCompat = true")
-    if i.receive_spread:
-        out.append("ReceiveSpread = true")
+    if i.peer_spread:
+        out.append("PeerSpread = true")
     for peer in cfg.peers:
         out += ["", "[Peer]", f"PublicKey = {keys.encode(peer.public_key)}"]
         if peer.preshared_key is not None:

@@ -35,7 +35,7 @@ variables win over the file:
   XDP             WGEBPF_XDP               auto | native | generic | off
   Metrics         WGEBPF_METRICS           ADDR:PORT | [v6]:PORT | :PORT
   MetricsCompat   WGEBPF_METRICS_COMPAT    true | false
-  ReceiveSpread   WGEBPF_RECEIVE_SPREAD    true | false
+  PeerSpread   WGEBPF_PEER_SPREAD    true | false
 
 Logs: in the background stdout and stderr go to /dev/null unless LOG_LEVEL
 is set (as wireguard-go) or WGEBPF_LOG_FILE names a file to append to.
@@ -76,7 +76,7 @@ SETTINGS = {
     "xdp": ("WGEBPF_XDP", None),
     "metrics": ("WGEBPF_METRICS", "metrics"),
     "metricscompat": ("WGEBPF_METRICS_COMPAT", "metrics_compat"),
-    "receivespread": ("WGEBPF_RECEIVE_SPREAD", "receive_spread"),
+    "peerspread": ("WGEBPF_PEER_SPREAD", "peer_spread"),
 }
 XDP_MODES = ("auto", "native", "generic", "off")
 
@@ -114,7 +114,7 @@ def read_settings_file(path: str) -> dict[str, tuple[str, str]]:
             shown = key[:24] if key.isalpha() else "(not a setting)"
             raise UsageError(f"{path}:{number}: unknown setting {shown!r} (known: "
                              f"Underlay, PeerSelection, SourcePolicy, PeerMark, Workers, XDP, "
-                             f"Metrics, MetricsCompat, ReceiveSpread)")
+                             f"Metrics, MetricsCompat, PeerSpread)")
         out[key.lower()] = (value.strip(), f"{path}:{number}: {key}")
     return out
 

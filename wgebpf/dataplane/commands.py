@@ -27,7 +27,8 @@ class Init:
     mtu: int
     mac: bytes                      # the TAP's address: frames the worker writes go to it
     workers: int = 1                # how many workers share every peer's sessions
-    shared: bool = False            # fds end with the counter hints and the replay windows
+    counter_hints: bool = False     # fds then carry the shared counter hints (counters.py)
+    replay_windows: bool = False    # and then the shared replay windows (PeerSpread)
 
 
 @dataclass(frozen=True, slots=True)

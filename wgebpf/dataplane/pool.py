@@ -101,7 +101,7 @@ class WorkerHandle:
 class WorkerPool:
     def __init__(self, device, tun, conn, count: int, classifier=None, reuseport=None,
                  selector=None, policy=None, nft_factory=None, launcher=launch_process,
-                 receive_spread: bool = False):
+                 peer_spread: bool = False):
         self.device = device
         self.tun = tun
         self.conn = conn
@@ -112,12 +112,17 @@ class WorkerPool:
         self.nft = None
         self.selector = selector
         self.workers = [WorkerHandle(k) for k in range(1, count + 1)]
-        self.receive_spread = receive_spread
+        self.peer_spread = peer_spread
         # Where the workers tell each other how far they got in each
         # keypair's counters (wireguard/counters.py); one worker needs none.
         self.hints = counters.CounterHints.create(HINT_ROWS, count) if count > 1 else None
         # The replay windows of sessions every worker receives (replay.py).
-        self.windows = SharedReplayWindows.create(REPLAY_ROWS) if count > 1 else None
+        # Only PeerSpread needs them: otherwise one worker receives each
+        # session and keeps its window in its own memory, with no lock.
+        spread = peer_spread and count > 1
+        self.windows = SharedReplayWindows.create(REPLAY_ROWS) if spread else None
+        if classifier is not None:
+            classifier.set_spread(spread)
         self.replay_rows = ReplayRows()
         self.row_of_index: dict[int, int] = {}
         self.peer_by_slot: dict[int, object] = {}
@@ -153,9 +158,11 @@ class WorkerPool:
         worker.process = self.launcher(theirs)
         worker.started = self.clock.monotonic()
         worker.control = ours
-        shared = [self.hints.fd, self.windows.fd] if self.hints is not None else []
+        shared = [region.fd for region in (self.hints, self.windows) if region is not None]
         channel.send(ours, Init(worker.position, self.device.name, self.device.mtu,
-                                self.tun.mac, len(self.workers), shared=bool(shared)),
+                                self.tun.mac, len(self.workers),
+                                counter_hints=self.hints is not None,
+                                replay_windows=self.windows is not None),
                      [self.tun.fds[worker.position],
                       *(s.fileno() for s in self.conn.position(worker.position)), *shared])
         ours.setblocking(False)
@@ -360,7 +367,7 @@ class WorkerPool:
         try:
             if self.windows is not None:
                 state["replay_row"] = self._replay_row(index)
-            self._steer(index)
+            self._steer(index, peer.queue)
         except OSError as exc:
             # A full map (E2BIG) or no free replay row: the session could
             # receive nothing, so it is not installed; the peer's next
@@ -374,25 +381,27 @@ class WorkerPool:
         self._to_all(InstallKeypair(peer.queue, state))
         keypair.zero()      # the workers' copies are the only live ones
 
-    def receive_position(self, index: int) -> int:
-        """The worker socket that receives all of session `index` when it is
-        not spread: sessions (and so peers) spread over the workers."""
-        return 1 + index % len(self.workers)
+    def worker_of(self, slot: int) -> int:
+        """The position of a peer's own worker (without PeerSpread): the
+        one the classifier queues its packets to, and the one that receives
+        its sessions (bpf/nexthop.c: 1 + (slot - 1) % W)."""
+        return 1 + (slot - 1) % len(self.workers)
 
-    def _steer(self, index: int) -> None:
-        """Receive steering for session `index`: with ReceiveSpread, over
-        every worker by counter (they share its replay window); otherwise
-        to one worker. Spreading lets one peer's receiving use every core,
-        but the workers deliver a flow's packets out of order where a
-        burst crosses from one worker to the next, and on two cores shared
-        by both ends the TCP receiver paid more for that than it gained
-        (README, Queues and workers), so it is off by default."""
+    def _steer(self, index: int, slot: int) -> None:
+        """Receive steering for session `index` of peer `slot`: with
+        PeerSpread, over every worker by counter (they share its replay
+        window); otherwise to the peer's own worker, which also sends for
+        it. Spreading lets one peer use every core, but the workers deliver
+        a flow's packets out of order where a burst crosses from one worker
+        to the next, and two workers handling one peer both wake for it; on
+        two cores shared by both ends that cost more than it gave (README,
+        Queues and workers), so it is off by default."""
         if self.reuseport is None:
             return
-        if self.receive_spread and len(self.workers) > 1:
+        if self.peer_spread and len(self.workers) > 1:
             self.reuseport.set_spread(index, len(self.workers))
         else:
-            self.reuseport.set_index(index, self.receive_position(index))
+            self.reuseport.set_index(index, self.worker_of(slot))
 
     def _replay_row(self, index: int) -> int:
         row = self.replay_rows.take(self.clock.monotonic())
@@ -408,9 +417,9 @@ class WorkerPool:
             self.replay_rows.give_back(row, self.clock.monotonic())
 
     def send_keepalive(self, peer) -> None:
-        # One worker is enough; which one does not matter, only that the
-        # choice is stable (its counters are as good as any other's).
-        worker = self.workers[peer.queue % len(self.workers)]
+        # One worker is enough: the peer's own (any would do under PeerSpread:
+        # its counters are as good as any other's).
+        worker = self.workers[self.worker_of(peer.queue) - 1]
         self._send(worker, SendKeepalive(peer.queue))
 
     def zero_keys(self, peer) -> None:

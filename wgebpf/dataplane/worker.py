@@ -219,12 +219,14 @@ class Worker:
         self.id = init.worker_id
         tun_fd, socket_fds = fds[0], fds[1:]
         self.hints = self.windows = None
-        if init.shared:
-            windows_fd, hints_fd = socket_fds.pop(), socket_fds.pop()
-            self.hints = counters.CounterHints.from_fd(hints_fd)
-            self.windows = SharedReplayWindows.from_fd(windows_fd)
-            os.close(hints_fd)
-            os.close(windows_fd)
+        if init.replay_windows:
+            fd = socket_fds.pop()
+            self.windows = SharedReplayWindows.from_fd(fd)
+            os.close(fd)
+        if init.counter_hints:
+            fd = socket_fds.pop()
+            self.hints = counters.CounterHints.from_fd(fd)
+            os.close(fd)
         self.workers = init.workers
         self.block = counters.block_size(init.workers)
         os.set_blocking(tun_fd, False)

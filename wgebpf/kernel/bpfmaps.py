@@ -54,6 +54,7 @@ RXINDEX_MAX = 65536
 
 # ---- wg_config ----------------------------------------------------------------
 CFG_ALLOWEDIPS = 1 << 0
+CFG_SPREAD_FLOWS = 1 << 1      # a peer's flows over every worker (PeerSpread)
 
 
 class Config(ctypes.Structure):
@@ -221,7 +222,6 @@ RX_SPREAD = 1 << 16
 RX_WORKERS_MASK = 0xFFFF
 RX_SPREAD_SHIFT = 7
 RX_COUNTER_OFFSET = 8
-RX_MIX = 0x9E3779B97F4A7C15      # WG_RX_MIX: the run number's Fibonacci hash
 
 # The layouts common.h declares, by C name, for the agreement test.
 STRUCTS: dict[str, type[ctypes.Structure]] = {

@@ -152,9 +152,16 @@ class NextHopClassifier(m.LoadedProgram, tc.FilterOwner):
         self.mode = mode
         self._write_config()
 
+    def set_spread(self, spread: bool) -> None:
+        """Whether a peer's flows spread over the workers by flow hash
+        (PeerSpread) or all go to the peer's own worker, 1 + (slot - 1) % W."""
+        flag = m.CFG_SPREAD_FLOWS if spread else 0
+        self._config.flags = (self._config.flags & ~m.CFG_SPREAD_FLOWS) | flag
+        self._write_config()
+
     def set_queue_count(self, queues: int) -> None:
         """The TAP's queue count now (1 + workers); the classifier spreads
-        flows over queues 1..queues-1 from its next packet on."""
+        peers (or flows) over queues 1..queues-1 from its next packet on."""
         if not 1 <= queues <= m.QUEUES_MAX:
             raise ValueError(f"queues must be 1..{m.QUEUES_MAX}, not {queues}")
         self._config.queues = queues

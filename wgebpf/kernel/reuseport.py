@@ -29,6 +29,8 @@ import socket
 
 from . import bpfmaps as m
 
+RX_MIX = 0x9E3779B97F4A7C15      # reuseport.c's RX_MIX: Fibonacci hashing of a counter run
+
 SO_ATTACH_REUSEPORT_EBPF = 52
 SO_DETACH_REUSEPORT_BPF = 68      # kernel 5.3+
 
@@ -93,7 +95,7 @@ def spread_position(counter: int, receiver_index: int, workers: int) -> int:
     index (the same formula; tests check they agree)."""
     if workers < 1:
         return m.SOCKET_CONTROL
-    mixed = ((counter >> m.RX_SPREAD_SHIFT) * m.RX_MIX & 0xFFFFFFFFFFFFFFFF) >> 32
+    mixed = ((counter >> m.RX_SPREAD_SHIFT) * RX_MIX & 0xFFFFFFFFFFFFFFFF) >> 32
     return 1 + (mixed + receiver_index) % workers
 
 
