@@ -12,10 +12,11 @@ core. The control plane
     closes;
   - gives each peer a slot (1..65535): its name in the kernel's maps and in
     the tag its packets carry (tun.py, "Peer tags"). Queues are workers, not
-    peers: every worker serves every peer, the kernel's flow hash picks the
-    worker of each outgoing packet (a flow stays on one worker, so in order;
-    a peer's flows use every worker), and the receive steering picks the
-    worker of each incoming data message;
+    peers: every worker holds every peer and every session. By default a
+    peer has one worker both ways (worker_of: the classifier queues its
+    packets there, and receive steering hands it the peer's sessions);
+    with PeerSpread the classifier picks the worker by flow hash and
+    receive steering by counter run, so one peer uses every worker;
   - runs handshakes and timers, sends each new keypair to every worker
     (each takes counters from its own share of the keypair's counter
     space: wireguard/counters.py) and maps its receiver index in the

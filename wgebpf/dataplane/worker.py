@@ -3,19 +3,18 @@
 The control plane (dataplane/pool.py) starts `python -m wgebpf.dataplane.worker FD` and
 hands it, over the channel on FD, its own TAP queue and its UDP sockets (its
 position in each SO_REUSEPORT group). Queues are workers, not peers: every
-worker serves every peer, and each packet says which peer it belongs to.
+worker holds every peer, and each packet says which peer it belongs to
+(which worker gets which packets is the steering's choice: pool.py).
 
   send:    reads its TAP queue; the tc classifier already chose the peer
            and wrote it into the frame's Ethernet header (tun.py, "Peer
-           tags"), so nothing here looks up a route or a peer. The kernel's
-           flow hash chose the worker, so a flow stays on one worker (in
-           order) while one peer's flows spread over all of them. It
+           tags"), so nothing here looks up a route or a peer. It
            encrypts with the peer's current keypair, taking counters from
            its own share of the keypair's counter space (noise.Keypair,
            wireguard/counters.py), and sends from its own UDP socket;
   receive: gets the data messages the reuseport program steers to it,
-           checks replay (its own window per keypair: every duplicate of a
-           counter is steered to the same worker), decrypts and writes to
+           checks replay (the session's window: its own, or under
+           PeerSpread one shared with every worker), decrypts and writes to
            its TAP queue with the peer's tag for the source policy.
 
 It never handshakes: when a peer needs keys it asks the control plane,
