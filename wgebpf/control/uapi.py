@@ -65,7 +65,7 @@ SOCKET_DIR = "/var/run/wireguard"
 # 64 KiB buffer must hold the line and its newline: lines up to 65535 bytes
 # are lines there, so they are here (an overlong value then gets the errno
 # its content earns). 8 MiB, our own bound, holds a set for some 20,000
-# peers, far more than the 256 TUN queues allow.
+# peers in one request; more go in several (`wg set` per batch of peers).
 MAX_LINE = 64 * 1024 - 1
 MAX_REQUEST_BYTES = 8 << 20
 IDLE_TIMEOUT = 5.0          # seconds a client may stay silent mid-request
@@ -230,7 +230,7 @@ class _SetOperation:
     that changes it (or when its section ends), not on its public_key line
     as wireguard-go does. The visible result is the same, but update_only
     and remove on an unknown peer then never create (and at once destroy)
-    a peer, which in wgebpf would claim and release a TUN queue.
+    a peer, which in wgebpf would claim and release a slot.
     """
 
     def __init__(self, device: Any):

@@ -1,7 +1,7 @@
-"""GRO on TUN write: merge a batch's consecutive TCP segments of one flow.
+"""GRO on TUN/TAP write: merge a batch's consecutive TCP segments of one flow.
 
-The worker decrypts a batch of packets from one peer and writes them to the
-peer's TUN queue. Written one by one, the kernel's TCP stack sees every
+The worker decrypts a batch of packets from one peer and writes them to its
+TAP queue, behind the peer's tag (Link). Written one by one, the kernel's TCP stack sees every
 segment and ACKs every second one. With the TUN opened with IFF_VNET_HDR
 (see tun.py) every write starts with a struct virtio_net_hdr, and one write
 can carry a GSO "super-packet": the segments of a flow joined behind one

@@ -30,7 +30,7 @@ class Peer:
         self.keypairs = Keypairs()
         self.cookie = CookieGenerator(public_key, device.clock)
         self.endpoint: tuple[str, int] | None = None
-        self.queue = 0                          # TUN queue (= slot with the worker pool)
+        self.queue = 0                          # the peer's slot with the worker pool (its tag)
         self.source_policy: str | None = None   # per-peer override of SourcePolicy
         self.persistent_keepalive_interval = 0
         self.staged: collections.deque = collections.deque()

@@ -20,7 +20,8 @@ Pipeline, stage by stage, and which process runs each:
                          packet may move the replay window, roam the
                          endpoint, confirm a keypair or count for timers.
   5. deliver             (worker) a well-formed IPv4/IPv6 packet (padding
-                         removed) is written to the peer's own TUN queue.
+                         removed) is written to the worker's TAP queue
+                         behind the peer's tag.
                          The source address check (SourcePolicy) follows in
                          the kernel: bpf/policy.c on the device's tc ingress.
 """

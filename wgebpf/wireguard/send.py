@@ -4,10 +4,11 @@ Pipeline, stage by stage, and which process runs each:
 
   0. (kernel)            the FIB routes the packet into the device; tc egress
                          (bpf/nexthop.c) picks the peer by the route's next
-                         hop, and the TUN steering program (bpf/tun_steer.c)
-                         puts it on that peer's queue. No peer: queue 0.
-  1. packet_for_peer     a worker reads the queue of a peer it owns: the
-                         queue IS the peer, nothing here looks anything up.
+                         hop, writes the peer's tag into the frame and picks
+                         a worker; the steering program (bpf/tun_steer.c)
+                         puts it on that worker's queue. No peer: queue 0.
+  1. packet_for_peer     a worker reads its queue: each frame's tag names the
+                         peer, nothing here looks anything up.
      no_peer             the control plane reads queue 0: drop, count, and
                          answer with ICMP destination unreachable.
   2. Peer.stage          (worker) without a usable session, queue the packet
