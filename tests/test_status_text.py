@@ -100,6 +100,7 @@ def test_interface_lines(text):
     head = section(text, "interface: wg0")
     assert "  listening port: 51820" in head
     assert "  peer selection: nexthop" in head
+    assert "  peer spread: off" in head                # absent from an old snapshot: off
     assert "  source policy: allowedips" in head
     assert "  classifier: route; fallbacks: 2 no_dst" in head
 
@@ -208,3 +209,8 @@ def test_cli_json_is_unchanged(stubbed):
     assert result.exit_code == 0, result.output
     assert result.output == json.dumps(stubbed, indent=2, sort_keys=True) + "\n"
     assert json.loads(result.output) == stubbed
+
+
+def test_peer_spread_line_says_on_when_the_pool_spreads():
+    snapshot = {"interface": "wg0", "peer_spread": True, "peers": {}, "workers": []}
+    assert "  peer spread: on" in section(render_text(snapshot), "interface: wg0")

@@ -113,6 +113,7 @@ def render(name: str, device: dict, now: float | None = None, extra: dict | None
         out.append(f"  fwmark: {int(device['fwmark']):#x}")
     if extra:
         out.append(f"  peer selection: {extra.get('peer_selection')}")
+        out.append(f"  peer spread: {'on' if extra.get('peer_spread') else 'off'}")
         out.append(f"  source policy: {extra.get('source_policy')}")
         out.append(f"  xdp guard: {extra.get('xdp_mode', 'off')}")
         out += _classifier_line(extra.get("classifier_route"))

@@ -44,6 +44,8 @@ def collect(device, parts=None) -> dict:
     status = {
         "interface": device.name,
         "peer_selection": getattr(device, "peer_selection", "allowedips"),
+        # PeerSpread: one peer's traffic over every worker (pool.py)
+        "peer_spread": bool(getattr(pool, "peer_spread", False)),
         "source_policy": device.source_policy,
         "listen_port": device.listen_port,
         "peers": peers,

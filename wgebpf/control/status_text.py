@@ -84,6 +84,7 @@ def _interface(status: dict) -> list[str]:
     out = [f"interface: {status.get('interface', '?')}"]
     out.append(f"  listening port: {_cell(status.get('listen_port'))}")
     out.append(f"  peer selection: {_cell(status.get('peer_selection'))}")
+    out.append(f"  peer spread: {'on' if status.get('peer_spread') else 'off'}")
     out.append(f"  source policy: {_cell(status.get('source_policy'))}")
     route = status.get("classifier_route")
     if route:
