@@ -474,6 +474,7 @@ def test_without_peer_spread_a_peer_has_one_worker_both_ways():
             assert set(h.steered[before:]) == {own}
             assert h.send_to(host, queue=own) == host.tun.received[-1]
         assert {h.pool.worker_of(h.peer(host).queue) for host in hosts} == {1, 2}
+        assert [w["peers"] for w in h.pool.status()] == [2, 2]     # each its own two
     finally:
         h.close()
 

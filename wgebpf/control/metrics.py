@@ -241,7 +241,8 @@ def worker_families(interface: str, workers: list) -> Iterator[Metric]:
     up = GaugeMetricFamily("wgebpf_worker_up", "1 if the worker process is running.",
                            labels=labels)
     owned = GaugeMetricFamily("wgebpf_worker_peers",
-                              "Peers the worker serves (every worker serves every peer).",
+                              "Peers whose packets the worker handles: those it is the own "
+                              "worker of, or every peer under PeerSpread.",
                               labels=labels)
     for worker in workers:
         position = _text(worker.get("worker"))

@@ -544,9 +544,16 @@ class WorkerPool:
 
     # --- status ---------------------------------------------------------------------
 
+    def _peers_handled_by(self, worker: WorkerHandle) -> int:
+        """Peers whose packets this worker handles: every peer under
+        PeerSpread, else those it is the own worker of."""
+        if self.peer_spread or len(self.workers) == 1:
+            return len(self.peer_by_slot)
+        return sum(1 for slot in self.peer_by_slot if self.worker_of(slot) == worker.position)
+
     def status(self) -> list[dict]:
         return [{"worker": w.position, "pid": w.process.pid if w.process else None,
-                 "peers": len(self.peer_by_slot), "restarts": w.restarts,
+                 "peers": self._peers_handled_by(w), "restarts": w.restarts,
                  "busy_seconds": w.busy_seconds, "queue_depth": w.queue_depth,
                  **dict(w.traffic), "alive": w.control is not None,
                  "packets_by_slot": dict(w.packets)} for w in self.workers]
