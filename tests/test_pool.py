@@ -826,6 +826,36 @@ def test_a_dead_worker_makes_the_peers_with_sessions_rehandshake_and_restarts_wi
     assert h.send_to(c, queue=2) == c.tun.received[-1]
 
 
+def test_without_peer_spread_a_dead_worker_costs_only_its_own_peers_their_sessions():
+    """A peer has one worker: when it dies, only the sessions of the peers it
+    was the own worker of are dropped and re-made; the other worker's peers
+    keep theirs (no re-handshake) and go on carrying traffic."""
+    h = Harness(2, peer_spread=False)
+    try:
+        hosts = {n: connected(h, n) for n in (2, 3, 4, 5)}
+        own = {n: h.pool.worker_of(h.slot(host)) for n, host in hosts.items()}
+        mine = [n for n in hosts if own[n] == 1]
+        theirs = [n for n in hosts if own[n] == 2]
+        assert mine and theirs
+        indices = {n: h.workers[2].by_slot[h.slot(host)].keypairs.current.local_index
+                   for n, host in hosts.items()}
+        since = len(h.network.sent_log)
+        h.clock.advance(MIN_UPTIME + 1)
+        h.kill(1)
+        survivor = h.workers[2]
+        for n in theirs:
+            assert survivor.by_slot[h.slot(hosts[n])].keypairs.current.local_index == indices[n]
+            assert indices[n] in h.device.indices
+            assert h.send_to(hosts[n], queue=2) == hosts[n].tun.received[-1]
+        for n in mine:
+            assert indices[n] not in h.device.indices
+        assert sorted(h.initiations_to(since)) == sorted(hosts[n].conn.address for n in mine)
+        for n in mine:
+            assert h.send_to(hosts[n], queue=1) == hosts[n].tun.received[-1]
+    finally:
+        h.close()
+
+
 # --- the channel -------------------------------------------------------------------------------
 
 def test_the_channel_carries_typed_messages_and_fds():

@@ -207,9 +207,11 @@ class WorkerPool:
             worker.control = None
 
     def worker_died(self, worker: WorkerHandle) -> None:
-        """Restart it. Every session had its share in the dead worker (its
-        replay windows: a fresh one would accept replays), so every session
-        is dropped, and the peers that had one re-handshake."""
+        """Restart it. The sessions that had a share in the dead worker (its
+        counters, its replay windows: a fresh one would accept replays) are
+        dropped everywhere, and their peers re-handshake: under PeerSpread
+        every session, otherwise the sessions of the peers it was the own
+        worker of. Every other peer carries on untouched."""
         if self.stopping:
             return
         code = worker.process.poll() if worker.process else None
@@ -222,7 +224,7 @@ class WorkerPool:
         worker.restarts += 1
         worker.busy_before_restart = worker.busy_seconds
         self.had_sessions = [peer for peer in self.peer_by_slot.values()
-                             if self._forget_sessions(peer)]
+                             if self._had_share(peer, worker) and self._forget_sessions(peer)]
         for other in self.workers:
             if other is not worker:
                 for peer in self.had_sessions:
@@ -235,6 +237,9 @@ class WorkerPool:
             worker.restart_timer.mod(worker.backoff)
         else:
             self._restart(worker)
+
+    def _had_share(self, peer, worker: WorkerHandle) -> bool:
+        return self.peer_spread or self.worker_of(peer.queue) == worker.position
 
     def _restart(self, worker: WorkerHandle) -> None:
         if self.stopping:
