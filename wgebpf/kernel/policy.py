@@ -187,11 +187,16 @@ class SourcePolicy(m.LoadedProgram, tc.FilterOwner):
         unchecked. Only slots with a row (set_peer) are counted.
         """
         out = {}
-        for key, per_cpu in self._counts.items_lookup_batch():
+        # Row by row, not items_lookup_batch: that sizes its buffers for the
+        # map's maximum (65,536 rows x CPUs, megabytes) on every call.
+        for slot in sorted(self._slots | {0}):
+            try:
+                per_cpu = self._counts[ctypes.c_uint32(slot)]
+            except KeyError:
+                continue
             totals = [sum(cpu.n[i] for cpu in per_cpu) for i in range(m.POL_CNT_MAX)]
             if any(totals):
-                out[int(key)] = {name: int(totals[i])
-                                       for i, name in m.POLICY_COUNTER_NAMES.items()}
+                out[slot] = {name: int(totals[i]) for i, name in m.POLICY_COUNTER_NAMES.items()}
         return out
 
 

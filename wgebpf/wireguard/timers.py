@@ -25,6 +25,7 @@ send.py and receive.py say what happened and this file decides what follows.
 
 import os
 import random
+import weakref
 from dataclasses import dataclass
 
 from .seams import TimerActions
@@ -47,6 +48,10 @@ class Timing:
         if override:
             timing.rekey_after_time = float(override)
         return timing
+
+
+def _stopped() -> None:
+    """What a stopped peer's timers would run, if anything still fired them."""
 
 
 class Timers:
@@ -75,10 +80,19 @@ class Timers:
                 self.zero_key_material, self.persistent_keepalive)
 
     def stop(self) -> None:
-        """For good (the peer is removed): no heap entry outlives this."""
+        """For good (the peer is removed): no heap entry outlives this, and
+        no reference cycle either. The timers' callbacks are bound methods
+        of this object and it points back at its peer, so a removed peer
+        would wait for Python's cyclic collector, which runs seldom once
+        many objects live: churning 4,000 peers through `wg set` left some
+        20 MB behind. With the cycles cut, a removed peer is freed when its
+        last reference goes."""
         self.enabled = False
         timers = self._all()
         timers[0].scheduler.discard(timers)
+        for timer in timers:
+            timer.callback = _stopped
+        self.peer = weakref.proxy(self.peer)
 
     # --- what fires -----------------------------------------------------------
 
