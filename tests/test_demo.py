@@ -105,8 +105,12 @@ def test_demo_shows_routes_choosing_peers_ecmp_and_a_spoof_dropped(root):
 def test_demo_interrupted_removes_everything(root):
     """Ctrl-C (SIGINT to the demo's process group, as a terminal sends it)
     in the middle of step 1."""
+    # As a terminal's foreground job: SIGINT at its default. A test run
+    # started in the background of a non-interactive shell inherits SIGINT
+    # ignored, and Python keeps an ignored SIGINT ignored.
     proc = subprocess.Popen(DEMO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, process_group=0)
+                            text=True, process_group=0,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     try:
         for line in proc.stdout:
