@@ -251,11 +251,18 @@ def bench(
                                     help="wgebpf PeerSelection modes to compare"),
     quick: bool = typer.Option(False, "--quick",
                                help="1 repeat, 1-second runs, one configuration per pairing"),
+    compare_tree: str = typer.Option(None, "--compare-tree", metavar="DIR",
+                                     help="also run each wgebpf configuration with the "
+                                          "checkout in DIR (e.g. git worktree add DIR REV), "
+                                          "alternating, and give this code's ratio to it"),
 ):
     """Compare wgebpf and wireguard-go in namespaces: TCP, small-packet UDP,
     latency and CPU per GB; writes JSON, a Markdown table and a PNG plot.
 
     Example: sudo wgebpf bench --output bench-out --repeats 3 --seconds 5
+
+    Before / after a change: git worktree add /tmp/base main, then
+    sudo wgebpf bench --compare-tree /tmp/base
     """
     from .lab import bench as bench_module
     if not (math.isfinite(seconds) and 0 < seconds <= MAX_BENCH_SECONDS):
@@ -269,7 +276,8 @@ def bench(
         fail(f"bench: --selections: expected modes like nexthop,allowedips, "
              f"not {redact_keys(selections[:40])!r}", 2)
     raise typer.Exit(bench_module.main(output_dir=output, repeats=repeats, seconds=seconds,
-                                       workers=workers, selections=selections, quick=quick))
+                                       workers=workers, selections=selections, quick=quick,
+                                       compare_tree=compare_tree))
 
 
 # One run of one configuration; longer is a typo, not a measurement.

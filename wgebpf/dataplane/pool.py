@@ -76,8 +76,12 @@ def default_workers() -> int:
 def launch_process(theirs) -> subprocess.Popen:
     """Start a worker process on its end of the channel (the default
     WorkerPool launcher; tests run Worker objects in-process instead)."""
+    # -P: `-m` would put the current directory first on the worker's path,
+    # so a root daemon started in a folder holding some other wgebpf/ would
+    # run that code in its workers. They import what sys.path gives the
+    # daemon itself (the install, or PYTHONPATH).
     process = subprocess.Popen(
-        [sys.executable, "-m", "wgebpf.dataplane.worker", str(theirs.fileno())],
+        [sys.executable, "-P", "-m", "wgebpf.dataplane.worker", str(theirs.fileno())],
         pass_fds=[theirs.fileno()], close_fds=True)
     theirs.close()
     return process

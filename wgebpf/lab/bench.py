@@ -48,6 +48,14 @@ What one repeat measures, A -> B, each step bounded in time:
 Every value is reported as min / median / max over the repeats; ratios
 compare medians with wireguard-go <-> wireguard-go. Results go to
 bench.json, bench.md (Markdown tables) and bench.png in the output folder.
+
+With a compared tree (`--compare-tree DIR`, another checkout of wgebpf,
+say `git worktree add DIR REV`), each wgebpf configuration runs twice per
+repeat, right after each other: once with this code and once with DIR's
+(its wgebpf/ and bpf/, through PYTHONPATH). A third table gives this
+code's medians over the tree's. Comparing two separate bench runs would
+mix the change with the machine's drift between them; alternating inside
+one run does not.
 """
 
 from __future__ import annotations
@@ -130,6 +138,7 @@ class Setup:
     system: str
     workers: int | None = None      # None for wireguard-go <-> wireguard-go
     selection: str | None = None
+    tree: "Tree | None" = None      # run wgebpf from this checkout instead
 
     @property
     def a(self) -> str:
@@ -144,13 +153,56 @@ class Setup:
         pair = f"{self.a} <-> {self.b}"
         if self.workers is None:
             return pair
-        return f"{pair}, Workers {self.workers}, {self.selection}"
+        ours = f"{pair}, Workers {self.workers}, {self.selection}"
+        return ours if self.tree is None else f"{ours} [{self.tree.label}]"
+
+    @property
+    def twin_of(self) -> "Setup":
+        """The same configuration with this code."""
+        return Setup(self.system, self.workers, self.selection)
+
+    def launch(self) -> dict:
+        """How make_side starts the wgebpf sides: with a tree, its code first
+        on the path, and started in it (workers of trees before -P in
+        pool.launch_process import from their current directory)."""
+        if self.tree is None:
+            return {}
+        path = os.pathsep.join(filter(None, [self.tree.path, os.environ.get("PYTHONPATH")]))
+        return {"env": {"PYTHONPATH": path}, "cwd": self.tree.path}
 
     def extra(self) -> dict[str, str]:
         """wgebpf's own [Interface] keys (ignored by the wireguard-go sides)."""
         if self.workers is None:
             return {}
         return {"Workers": str(self.workers), "PeerSelection": str(self.selection)}
+
+
+@dataclass(frozen=True)
+class Tree:
+    """Another checkout of wgebpf to run beside this code."""
+
+    path: str
+    label: str      # its git revision, or the folder's name
+
+    @classmethod
+    def at(cls, path: str) -> "Tree":
+        """The checkout at path; ValueError when it holds no wgebpf to run."""
+        path = os.path.abspath(path)
+        for needed in ("wgebpf/cli.py", "bpf"):
+            if not os.path.exists(os.path.join(path, needed)):
+                raise ValueError(f"compare tree {path}: no {needed} there "
+                                 "(expected a checkout of wgebpf, e.g. from git worktree add)")
+        return cls(path, _revision(path) or os.path.basename(path))
+
+
+def _revision(path: str) -> str | None:
+    """`git describe` of a checkout (with -dirty), or None outside git."""
+    try:
+        out = subprocess.run(["git", "-C", path, "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 @dataclass(frozen=True)
@@ -180,11 +232,12 @@ class Plan:
 
 
 def plan_setups(systems: list[str], workers: list[int], selections: list[str],
-                quick: bool = False) -> list[Setup]:
+                quick: bool = False, tree: Tree | None = None) -> list[Setup]:
     """Every configuration to measure, in schedule order.
 
     quick keeps the first Workers count and the first selection only, so a
-    quick run has one configuration per pairing.
+    quick run has one configuration per pairing. With a tree, each wgebpf
+    configuration is followed by its twin running the tree's code.
     """
     for system in systems:
         if system not in PAIRINGS:
@@ -206,7 +259,11 @@ def plan_setups(systems: list[str], workers: list[int], selections: list[str],
         if "wgebpf" not in PAIRINGS[system]:
             setups.append(Setup(system))
             continue
-        setups += [Setup(system, n, sel) for n in workers for sel in selections]
+        for n in workers:
+            for sel in selections:
+                setups.append(Setup(system, n, sel))
+                if tree is not None:
+                    setups.append(Setup(system, n, sel, tree))
     return setups
 
 
@@ -406,15 +463,18 @@ class Pair:
             a_cfg.extra.update(setup.extra())
             b_cfg.extra.update(setup.extra())
             self.b = self.topo.track(netns.make_side(
-                setup.b, self.topo.b, b_cfg, underlay=self.topo.underlay_b, tag="wgb"))
+                setup.b, self.topo.b, b_cfg, underlay=self.topo.underlay_b, tag="wgb",
+                **setup.launch()))
             self.b.start()
             self.a = self.topo.track(netns.make_side(
-                setup.a, self.topo.a, a_cfg, underlay=self.topo.underlay_a, tag="wga"))
+                setup.a, self.topo.a, a_cfg, underlay=self.topo.underlay_a, tag="wga",
+                **setup.launch()))
             self.a.start()
             # The first ping also makes the handshake, outside every measurement.
             if not netns.ping(self.topo.a, netns.B_TUNNEL4, count=3, timeout=10):
                 raise MeasureError("no ping through the tunnel after start")
-        except Exception:
+        except Exception as exc:
+            exc.daemon_logs = self.logs()   # the reason is there, and gone after close
             self.close()
             raise
 
@@ -456,7 +516,10 @@ def run_repeat(setup: Setup, plan: Plan) -> dict:
     try:
         pair = Pair(setup)
     except Exception as exc:  # any set-up failure fails this repeat only
-        return {"values": {}, "errors": {"setup": f"{type(exc).__name__}: {exc}"},
+        errors = {"setup": f"{type(exc).__name__}: {exc}"}
+        if getattr(exc, "daemon_logs", ""):
+            errors["log"] = exc.daemon_logs
+        return {"values": {}, "errors": errors,
                 "detail": {}, "seconds": time.monotonic() - started}
     try:
         tcp = {}
@@ -510,22 +573,29 @@ def _status(runs: list[dict]) -> str:
     return "failed" if not any(r["values"] for r in runs) else "partial"
 
 
+def _ratio_row(ours: dict, theirs: dict) -> dict[str, float]:
+    """ours' median / theirs' median for every metric both have."""
+    row = {}
+    for m in METRICS:
+        a, b = ours["summary"].get(m.key), theirs["summary"].get(m.key)
+        if a and b and b["median"] > 0:
+            row[m.key] = a["median"] / b["median"]
+    return row
+
+
 def ratios(configs: list[dict]) -> dict[str, dict[str, float]]:
-    """Median of each configuration's metric / the baseline's median."""
+    """Each configuration's medians over the baseline's."""
     base = next((c for c in configs if c["system"] == BASELINE), None)
     if base is None:
         return {}
-    out = {}
-    for c in configs:
-        if c["system"] == BASELINE:
-            continue
-        row = {}
-        for m in METRICS:
-            ours, theirs = c["summary"].get(m.key), base["summary"].get(m.key)
-            if ours and theirs and theirs["median"] > 0:
-                row[m.key] = ours["median"] / theirs["median"]
-        out[c["id"]] = row
-    return out
+    return {c["id"]: _ratio_row(c, base) for c in configs if c["system"] != BASELINE}
+
+
+def tree_ratios(configs: list[dict]) -> dict[str, dict[str, float]]:
+    """This code's medians over its twin's on the compared tree."""
+    by_id = {c["id"]: c for c in configs}
+    return {c["twin_of"]: _ratio_row(by_id[c["twin_of"]], c)
+            for c in configs if c.get("twin_of") in by_id}
 
 
 def _machine() -> dict:
@@ -588,10 +658,10 @@ def _brief(values: dict) -> str:
 
 
 def run(output_dir: str, systems: list[str], workers: list[int], selections: list[str],
-        repeats: int, seconds: float, quick: bool) -> dict:
+        repeats: int, seconds: float, quick: bool, tree: Tree | None = None) -> dict:
     """Measure every configuration (round-robin over repeats), write
     bench.json, bench.md and bench.png into output_dir, return the result."""
-    setups = plan_setups(list(systems), list(workers), list(selections), quick)
+    setups = plan_setups(list(systems), list(workers), list(selections), quick, tree)
     plan = Plan.make(repeats, seconds, quick)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -623,6 +693,8 @@ def run(output_dir: str, systems: list[str], workers: list[int], selections: lis
         configs.append({
             "id": setup.id, "system": setup.system, "a": setup.a, "b": setup.b,
             "workers": setup.workers, "selection": setup.selection,
+            "tree": setup.tree and setup.tree.path,
+            "twin_of": setup.tree and setup.twin_of.id,
             "status": _status(rs),
             "summary": {k: v for k, v in summary.items() if v is not None},
             "runs": rs,
@@ -636,6 +708,7 @@ def run(output_dir: str, systems: list[str], workers: list[int], selections: lis
                         loadavg_after=os.getloadavg()),
         "parameters": {"systems": list(systems), "workers": list(workers),
                        "selections": list(selections), "quick": quick,
+                       "compare_tree": tree and {"path": tree.path, "label": tree.label},
                        "repeats": plan.repeats, "tcp_seconds": plan.seconds,
                        "udp_step_seconds": plan.udp_seconds, "udp_steps": plan.udp_steps,
                        "udp_payload_bytes": UDP_PAYLOAD, "udp_max_loss_percent": UDP_MAX_LOSS,
@@ -647,6 +720,7 @@ def run(output_dir: str, systems: list[str], workers: list[int], selections: lis
         "configurations": configs,
     }
     result["ratios"] = ratios(configs)
+    result["tree_ratios"] = tree_ratios(configs)
     result["files"] = {k: str(out / v) for k, v in OUTPUT_FILES.items()}
     (out / OUTPUT_FILES["json"]).write_text(json.dumps(result, indent=2) + "\n")
     (out / OUTPUT_FILES["markdown"]).write_text(render_markdown(result))
@@ -692,16 +766,28 @@ def render_markdown(result: dict) -> str:
                     failures.append(f"- {c['id']}, repeat {r['repeat']}, {what}: "
                                     f"{err.splitlines()[0][:200]}")
     if result.get("ratios"):
-        lines += ["", f"Ratio of medians to {Setup(BASELINE).id} "
-                  "(above 1: more throughput, or more latency / CPU):", "",
-                  "| Configuration | " + " | ".join(m.label for m in TABLE_METRICS) + " |",
-                  "| --- |" + " ---: |" * len(TABLE_METRICS)]
-        for cid, row in result["ratios"].items():
-            cells = [f"{row[m.key]:.2f}" if m.key in row else "-" for m in TABLE_METRICS]
-            lines.append(f"| {cid} | " + " | ".join(cells) + " |")
+        lines += _ratio_table(f"Ratio of medians to {Setup(BASELINE).id} "
+                              "(above 1: more throughput, or more latency / CPU):",
+                              result["ratios"])
+    if result.get("tree_ratios"):
+        label = result["parameters"]["compare_tree"]["label"]
+        lines += _ratio_table(f"Ratio of this code's medians to the same configuration on "
+                              f"the compared tree {label}, measured alternating in this run "
+                              "(above 1: more throughput, or more latency / CPU):",
+                              result["tree_ratios"])
     if failures:
         lines += ["", "Failures:", "", *failures]
     return "\n".join(lines) + "\n"
+
+
+def _ratio_table(title: str, rows: dict[str, dict[str, float]]) -> list[str]:
+    lines = ["", title, "",
+             "| Configuration | " + " | ".join(m.label for m in TABLE_METRICS) + " |",
+             "| --- |" + " ---: |" * len(TABLE_METRICS)]
+    for cid, row in rows.items():
+        cells = [f"{row[m.key]:.2f}" if m.key in row else "-" for m in TABLE_METRICS]
+        lines.append(f"| {cid} | " + " | ".join(cells) + " |")
+    return lines
 
 
 _COLOURS = {"wgebpf-wgebpf": "#1f77b4", "wgebpf-wireguard-go": "#2ca02c",
@@ -743,7 +829,9 @@ def render_plot(result: dict, path: Path) -> None:
             if not s:
                 ax.text(0, y, " failed", va="center", color="red")
                 continue
+            # The compared tree's twin: the same colour, hatched.
             ax.barh(y, s["median"], color=_COLOURS.get(c["system"], "C0"),
+                    hatch="//" if c.get("tree") else None, edgecolor="white",
                     xerr=[[s["median"] - s["min"]], [s["max"] - s["median"]]], capsize=3)
         ax.set_title(f"{m.label} ({m.unit}), {m.better} is better", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
@@ -777,7 +865,8 @@ def main(**options) -> int:
     """`wgebpf bench`: run, write the files, print the Markdown table.
 
     Options (all optional): output_dir (or output), systems, workers,
-    selections (lists, or comma-separated strings), repeats, seconds, quick.
+    selections (lists, or comma-separated strings), repeats, seconds, quick,
+    compare_tree (a checkout of wgebpf to run beside this code).
     Returns 0 when every configuration produced results, 1 when one failed
     completely or bench could not run, 2 for bad options or a missing
     matplotlib (the `bench` extra).
@@ -794,7 +883,8 @@ def main(**options) -> int:
             selections=_str_list(opt("selections", DEFAULT_SELECTIONS)),
             repeats=int(opt("repeats", DEFAULT_REPEATS)),
             seconds=float(opt("seconds", DEFAULT_SECONDS)),
-            quick=bool(opt("quick", False)))
+            quick=bool(opt("quick", False)),
+            tree=Tree.at(str(options["compare_tree"])) if options.get("compare_tree") else None)
         plan_setups(kwargs["systems"], kwargs["workers"], kwargs["selections"])
         if kwargs["repeats"] < 1 or kwargs["seconds"] <= 0:
             raise ValueError("repeats and seconds must be positive")

@@ -582,10 +582,12 @@ class Wgebpf(WgInterface):
 
     def __init__(self, ns: Namespace, ifname: str, config: InterfaceConfig,
                  underlay: str, *, env: dict[str, str] | None = None,
-                 config_text: str | None = None, args: Sequence[str] = ()):
+                 config_text: str | None = None, args: Sequence[str] = (),
+                 cwd: str | None = None):
         super().__init__(ns, ifname, config)
         self.underlay = underlay
         self.env = dict(env or {})
+        self.cwd = cwd
         self.args = list(args)          # extra `wgebpf attach` options, e.g. ["--xdp", "generic"]
         self.config_text = config_text  # used verbatim instead of config, if given
         self.config_path = self.tmpdir / f"{ifname}.conf"
@@ -597,7 +599,7 @@ class Wgebpf(WgInterface):
                                 str(self.config_path), "--name", self.ifname, *self.args]
         with open(self.log_path, "wb") as log:
             self.proc = self.ns.popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                      env=dict(os.environ, **self.env))
+                                      env=dict(os.environ, **self.env), cwd=self.cwd)
         self._wait_ready(timeout)
         return self
 
@@ -932,12 +934,12 @@ class TwoHosts:
 
 
 def make_side(impl: str, ns: Namespace, config: InterfaceConfig, *,
-              underlay: str = "", tag: str = "wg", env: dict[str, str] | None = None
-              ) -> WgInterface:
+              underlay: str = "", tag: str = "wg", env: dict[str, str] | None = None,
+              cwd: str | None = None) -> WgInterface:
     """A not-yet-started interface of the given implementation."""
     ifname = unique_ifname(tag)
     if impl == "wgebpf":
-        return Wgebpf(ns, ifname, config, underlay, env=env)
+        return Wgebpf(ns, ifname, config, underlay, env=env, cwd=cwd)
     if impl == "wireguard-go":
         return WireGuardGo(ns, ifname, config)
     raise ValueError(f"unknown implementation {impl!r}")
