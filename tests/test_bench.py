@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -148,6 +149,80 @@ def test_cpu_seconds_counts_a_child_process():
 
 # -- netns: a quick real run -----------------------------------------------------
 
+# -- Unit: a compared tree ------------------------------------------------------
+
+
+def _tree(path: Path, files=("wgebpf/cli.py", "bpf/common.h")) -> Path:
+    for name in files:
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text("# stand-in\n")
+    return path
+
+
+def test_plan_with_a_tree_runs_each_wgebpf_twin_right_after_it(tmp_path):
+    tree = bench.Tree(str(tmp_path), "abc1234")
+    setups = bench.plan_setups(["wgebpf-wgebpf", "wireguard-go-wireguard-go"], [1, 2],
+                               ["nexthop"], tree=tree)
+    assert [s.id for s in setups] == [
+        "wgebpf <-> wgebpf, Workers 1, nexthop",
+        "wgebpf <-> wgebpf, Workers 1, nexthop [abc1234]",
+        "wgebpf <-> wgebpf, Workers 2, nexthop",
+        "wgebpf <-> wgebpf, Workers 2, nexthop [abc1234]",
+        "wireguard-go <-> wireguard-go"]
+    assert setups[1].twin_of == setups[0]
+    assert setups[0].launch() == {}
+    launch = setups[1].launch()
+    assert launch["cwd"] == str(tmp_path)
+    assert launch["env"]["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path)
+
+
+def test_tree_label_is_the_git_revision_and_says_dirty(tmp_path):
+    tree = _tree(tmp_path)
+    git = ["git", "-C", str(tree), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], check=True)
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    assert bench.Tree.at(str(tree)) == bench.Tree(str(tree), head)
+    (tree / "wgebpf/cli.py").write_text("# changed\n")
+    assert bench.Tree.at(str(tree)).label == f"{head}-dirty"
+
+
+def test_tree_outside_git_is_labelled_by_its_folder(tmp_path):
+    tree = _tree(tmp_path / "base")
+    assert bench.Tree.at(str(tree)).label == "base"
+
+
+@pytest.mark.parametrize("files", [(), ("wgebpf/cli.py",), ("bpf/common.h",)])
+def test_a_folder_without_wgebpf_is_refused_before_anything_runs(tmp_path, files, capsys):
+    tree = _tree(tmp_path / "t", files) if files else tmp_path
+    with pytest.raises(ValueError, match="expected a checkout of wgebpf"):
+        bench.Tree.at(str(tree))
+    assert bench.main(output_dir=str(tmp_path / "out"), compare_tree=str(tree)) == 2
+    assert "wgebpf bench: compare tree" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_tree_ratios_divide_this_codes_medians_by_its_twins(tmp_path):
+    tree = bench.Tree(str(tmp_path), "abc1234")
+    ours = _config("wgebpf-wgebpf", {"tcp1_gbps": 1.1, "cpu_b_s_per_gb": 6.0})
+    twin_setup = Setup("wgebpf-wgebpf", 1, "nexthop", tree)
+    twin = dict(_config("wgebpf-wgebpf", {"tcp1_gbps": 1.0, "cpu_b_s_per_gb": 8.0}),
+                id=twin_setup.id, tree=tree.path, twin_of=ours["id"])
+    base = _config(bench.BASELINE, {"tcp1_gbps": 0.5})
+    result = _result([ours, twin, base])
+    result["tree_ratios"] = bench.tree_ratios([ours, twin, base])
+    result["parameters"]["compare_tree"] = {"path": tree.path, "label": tree.label}
+    assert result["tree_ratios"] == {
+        ours["id"]: pytest.approx({"tcp1_gbps": 1.1, "cpu_b_s_per_gb": 0.75})}
+    assert result["ratios"][twin["id"]] == pytest.approx({"tcp1_gbps": 2.0})
+    md = bench.render_markdown(result)
+    assert "on the compared tree abc1234, measured alternating in this run" in md
+    assert f"| {ours['id']} | 1.10 | - | - | - | - | 0.75 |" in md
+    bench.render_plot(result, tmp_path / "bench.png")   # the twin drawn hatched
+
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -207,3 +282,32 @@ def test_progress_says_what_runs_now_and_time_left_in_plain_lines(tmp_path, monk
                                  "3 of 4 runs done, about ")
     assert all(line.endswith("min left") for line in running)
     assert not any("\r" in line or "\033" in line for line in lines)
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(150)
+def test_compare_tree_runs_the_trees_own_code(tmp_path):
+    """A copy of this code whose package records each process importing it:
+    the twin's daemons and their workers, not the bench itself."""
+    repo = Path(__file__).resolve().parent.parent
+    tree = tmp_path / "tree"
+    for part in ("wgebpf", "bpf"):
+        shutil.copytree(repo / part, tree / part,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    imports = tmp_path / "imports"
+    init = tree / "wgebpf" / "__init__.py"
+    init.write_text(init.read_text() + "\nimport os as _os\n"
+                    f"with open({str(imports)!r}, 'a') as _f:\n"
+                    "    _f.write(f'{_os.getpid()}\\n')\n")
+    out = tmp_path / "out"
+    code = bench.main(output_dir=str(out), systems=["wgebpf-wgebpf"], workers="2",
+                      selections="nexthop", quick=True, compare_tree=str(tree))
+    result = json.loads((out / "bench.json").read_text())
+    assert code == 0, [r["errors"] for c in result["configurations"] for r in c["runs"]]
+    ours, twin = result["configurations"]
+    assert twin["id"] == f"{ours['id']} [tree]" and twin["twin_of"] == ours["id"]
+    assert set(result["tree_ratios"][ours["id"]]) == {m.key for m in bench.METRICS}
+    # Two daemons with two workers each (and the CLI's helpers: wgebpf show/status).
+    pids = set(imports.read_text().split())
+    assert len(pids) >= 6
+    assert str(os.getpid()) not in pids
