@@ -32,7 +32,7 @@ from wgebpf.dataplane.batch import MESSAGE_OVERHEAD, RECEIVE_CALLS, ReceiveBatch
 from wgebpf.dataplane.commands import Init, InstallKeypair, PeerAdd, ReleasedIndices, TimerEvents
 from wgebpf.dataplane.tun import TUN_BATCH
 from wgebpf.dataplane.udp import (GSO_MAX_BYTES, GSO_MAX_SEGMENTS, SOL_UDP, UDP_GRO, UDP_SEGMENT,
-                                  SegmentSender, enable_gro)
+                                  SegmentSender, UDPConn, enable_gro, receive_coalesced)
 from wgebpf.dataplane.worker import (AUTH_RECEIVED, AUTH_SENT, DATA_RECEIVED, DATA_SENT,
                                      EVENT_INTERVAL, STATS_INTERVAL, TRAVERSAL, EventRecorder,
                                      Worker, WorkerConn, WorkerTun)
@@ -905,6 +905,44 @@ def test_junk_inside_a_coalesced_read_disturbs_nothing(kernel, gro):
         assert r.sock.calls == [(9 * FULL + len(tail), FULL)]
     assert net.b.device.drops["malformed"] == 3
     assert net.b.device.drops["unknown_index"] + net.b.device.drops["auth_failed"] == 1
+
+
+def test_every_socket_of_the_listen_port_coalesces():
+    """GRO picks a flow's socket by hash before the reuseport program runs,
+    and merges only if that one has UDP_GRO: so every member has it, the
+    control plane's (position 0) too."""
+    conn = UDPConn(0, group=3)
+    try:
+        members = conn.groups[0] + conn.groups[1]
+        assert len(members) == 6
+        assert [sock.getsockopt(SOL_UDP, UDP_GRO) for sock in members] == [1] * 6
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
+def test_control_plane_reads_each_datagram_of_a_coalesced_read(kernel, family):
+    conn = UDPConn(0)           # the control plane's sockets alone: each gets all
+    try:
+        sock = conn.sockets[0 if family == socket.AF_INET else 1]
+        sender = kernel.udp(family)
+        to = (_loopback(family), conn.listen_port)
+        burst = [bytes([i]) * 148 for i in range(5)] + [b"\x09" * 32]
+        gso_send(sender, burst, to)
+        gso_send(sender, burst, to)
+        sender.sendto(b"", to)
+        deadline = time.monotonic() + 2
+        while not select.select([sock], [], [], 0.1)[0] and time.monotonic() < deadline:
+            pass
+        # The kernel merged the first burst: the path that splits is taken.
+        buf = bytearray(GSO_MAX_BYTES)
+        nbytes, size, _ = receive_coalesced(sock, buf)
+        assert (nbytes, size) == (5 * 148 + 32, 148)
+        got = conn.receive(sock)
+        assert [data for data, _ in got] == burst + [b""]
+        assert {source[1] for _, source in got} == {sender.getsockname()[1]}
+    finally:
+        conn.close()
 
 
 def test_a_message_too_large_for_a_slot_takes_the_per_packet_path_in_order(kernel):
